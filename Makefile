@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Each bootstraps uv when it is missing,
+# syncs the locked environment, then runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
+export UV_PYTHON_DOWNLOADS ?= never
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+VENV_PY := $(CURDIR)/.venv/bin/python
+
+.PHONY: demo test sync bench clean
+
+$(CURDIR)/.tools/bin/uv:
+	$(PYTHON) -m venv $(CURDIR)/.tools
+	$(CURDIR)/.tools/bin/python -m pip install --quiet --disable-pip-version-check uv
+
+sync: $(UV)
+	$(UV) sync --locked --python $(PYTHON)
+
+demo: sync
+	$(VENV_PY) -m storage.synthetic --scale small --seed 0 --out storage/data/synthetic-small
+	$(VENV_PY) -m storage.mind validate storage/data/synthetic-small
+
+test: sync
+	$(VENV_PY) -m pytest
+
+bench: sync
+	$(VENV_PY) benchmarks/parse.py
+	$(VENV_PY) benchmarks/score.py
+
+clean:
+	rm -rf storage/data storage/features storage/models storage/reports .pytest_cache
