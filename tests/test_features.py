@@ -1,0 +1,463 @@
+"""HDF5 feature store: round trips, gathers, refusals, read-only use, resume, and kill -9."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from storage.errors import PipelineError
+from storage.features import (
+    FeatureStore,
+    FeatureWriter,
+    StoreMeta,
+    main,
+    partial_path,
+    progress_path,
+    store_path,
+    verify,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+HELPER = Path(__file__).with_name("_store_writer.py")
+_spec = importlib.util.spec_from_file_location("_store_writer", HELPER)
+sw = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sw)
+
+ROWS, DIM, TOKENS = 400, 16, 4
+
+
+def _write(path: Path, rows: int = ROWS, chunk: int = 37, token_len: int | None = TOKENS, **meta_kw) -> Path:
+    meta = sw.make_meta(DIM, token_len, **meta_kw)
+    with FeatureWriter(path, meta, sw.make_ids(rows), fsync=False) as writer:
+        for start in range(writer.next_row, rows, chunk):
+            writer.write(*sw.make_rows(start, min(start + chunk, rows), DIM, token_len))
+        return writer.finalize()
+
+
+def _expected(rows: int = ROWS, token_len: int | None = TOKENS, dtype: str = "float32"):
+    vec, pres, tok, msk = sw.make_rows(0, rows, DIM, token_len)
+    cast = np.dtype(dtype)
+    return vec.astype(cast), pres, None if tok is None else tok.astype(cast), msk
+
+
+def _datasets(path: Path) -> dict[str, bytes]:
+    """Every dataset's content as bytes, straight from h5py (no store code involved)."""
+    with h5py.File(path, "r") as f:
+        out = {name: f[name][()].tobytes() for name in ("vectors", "present", "tokens", "mask") if name in f}
+        out["news_ids"] = "\n".join(f["news_ids"].asstr()[:]).encode()
+    return out
+
+
+def _info(path: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "storage.features", "info", str(path), *extra],
+                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture(scope="module")
+def complete_store(tmp_path_factory) -> Path:
+    return _write(tmp_path_factory.mktemp("complete") / "store.h5")
+
+
+def test_store_path_is_one_safe_file_per_dataset_extractor_mode(tmp_path):
+    path = store_path(tmp_path, "mind small/dev", "google/vit-base__patch16", "finetuned")
+    assert path == tmp_path / "mind-small-dev__google-vit-base_patch16__finetuned.h5"
+    assert store_path(tmp_path, "x" * 300, "bert", "frozen").name.count("__") == 2
+    assert len(store_path(tmp_path, "x" * 300, "bert", "frozen").name) < 120
+    with pytest.raises(PipelineError, match="mode"):
+        store_path(tmp_path, "mind", "bert", "trained")
+    with pytest.raises(PipelineError, match="filename-safe"):
+        store_path(tmp_path, "///", "bert", "frozen")
+
+
+@pytest.mark.parametrize("token_len,dtype", [(None, "float32"), (TOKENS, "float16")])
+def test_round_trip_is_exact(tmp_path, token_len, dtype):
+    path = _write(tmp_path / "s.h5", token_len=token_len, dtype=dtype)
+    vec, pres, tok, msk = _expected(token_len=token_len, dtype=dtype)
+    assert not partial_path(path).exists() and not progress_path(path).exists()
+    with FeatureStore.open(path, expected_fingerprint=sw.FINGERPRINT) as store:
+        assert store.meta == sw.make_meta(DIM, token_len, dtype=dtype)
+        assert len(store) == ROWS and store.dim == DIM and store.has_tokens == (token_len is not None)
+        assert list(store.ids) == sw.make_ids(ROWS)
+        assert store.index["N10007"] == 1
+        assert set(store.versions) >= {"python", "numpy", "h5py"}
+        np.testing.assert_array_equal(store.present, pres)
+        arrays = store.load()
+        assert arrays.vectors.dtype == np.dtype(dtype)
+        assert arrays.vectors.tobytes() == vec.tobytes()
+        assert arrays.present.tobytes() == pres.tobytes()
+        if token_len is None:
+            assert arrays.tokens is None and arrays.mask is None
+            with pytest.raises(PipelineError, match="no token vectors"):
+                store.take_tokens([0])
+        else:
+            assert arrays.tokens.tobytes() == tok.tobytes()
+            np.testing.assert_array_equal(arrays.mask, msk)
+    with h5py.File(path, "r") as f:
+        assert bool(f.attrs["complete"]) and int(f.attrs["committed_rows"]) == ROWS
+        assert json.loads(f.attrs["preprocess"]) == {"max_len": token_len or 0, "pooling": "mean"}
+        assert f["vectors"].chunks is None and f["vectors"].compression is None
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_gathers_in_any_order_with_duplicates(complete_store, in_memory):
+    vec, _, tok, msk = _expected()
+    ids = np.array(sw.make_ids(ROWS), dtype=object)
+    with FeatureStore.open(complete_store, in_memory=in_memory) as store:
+        # Dense picks (one block read) and far-apart picks (sorted fancy read) both come back in order.
+        for rows in ([5, 3, 5, 4, 3], [399, 0, 200, 0, 399, 17], [], list(range(ROWS))[::-1]):
+            rows = np.array(rows, dtype=np.int64)
+            assert store.get(ids[rows]).tobytes() == vec[rows].tobytes()
+            assert store.take(rows).shape == (len(rows), DIM)
+            got_tok, got_mask = store.get_tokens(ids[rows])
+            assert got_tok.tobytes() == tok[rows].tobytes()
+            np.testing.assert_array_equal(got_mask, msk[rows])
+        with pytest.raises(IndexError, match="out of range"):
+            store.take([0, ROWS])
+
+
+def test_unknown_id_is_named(complete_store):
+    with FeatureStore.open(complete_store) as store:
+        with pytest.raises(PipelineError, match=r"news id 'N999' is not in this feature store \(1 of 2"):
+            store.get(["N10000", "N999"])
+
+
+def test_fingerprint_mismatch_is_refused(complete_store):
+    with pytest.raises(PipelineError) as err:
+        FeatureStore.open(complete_store, expected_fingerprint="sha256:other")
+    assert sw.FINGERPRINT in str(err.value) and "sha256:other" in str(err.value)
+    assert "re-run extraction" in str(err.value)
+
+
+def test_incomplete_store_is_refused_and_info_exits_1(tmp_path, capsys):
+    path = tmp_path / "s.h5"
+    writer = FeatureWriter(path, sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS), fsync=False)
+    writer.write(*sw.make_rows(0, 30, DIM, TOKENS))
+    writer.close()
+    for target in (path, partial_path(path)):
+        with pytest.raises(PipelineError, match=r"interrupted \(30 of 400 rows committed\).*resume"):
+            FeatureStore.open(target)
+    assert main(["info", str(partial_path(path))]) == 1
+    out = capsys.readouterr().out
+    assert "verdict      incomplete: 30 of 400 rows committed" in out
+    assert "present      24 of 30 committed rows" in out
+    # A final name whose complete flag is unset (e.g. copied by hand) is refused too.
+    shutil.copy(partial_path(path), tmp_path / "copied.h5")
+    with pytest.raises(PipelineError, match="incomplete"):
+        FeatureStore.open(tmp_path / "copied.h5")
+    assert verify(tmp_path / "copied.h5").status == "incomplete"
+
+
+def test_info_reports_a_complete_store(complete_store, capsys):
+    assert main(["info", str(complete_store), "--check-values"]) == 0
+    out = capsys.readouterr().out
+    for line in ("extractor    tiny-text", "checkpoint   tiny/kill-test @ r1", "mode         frozen",
+                 "rows         400", "dim          16", "dtype        float32",
+                 "tokens       (400, 4, 16) with mask (400, 4)", f"fingerprint  {sw.FINGERPRINT}",
+                 "present      320 of 400 committed rows", "non-finite   0 rows",
+                 'preprocess   {"max_len": 4, "pooling": "mean"}', "verdict      complete"):
+        assert line in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", "--help"])
+    assert exit_.value.code == 0
+    assert "Exit status 0 when complete" in capsys.readouterr().out
+
+
+def test_check_values_finds_nan(tmp_path, capsys):
+    path = tmp_path / "nan.h5"
+    with FeatureWriter(path, sw.make_meta(DIM, None), sw.make_ids(20), fsync=False) as writer:
+        vec, pres, _, _ = sw.make_rows(0, 20, DIM, None)
+        vec[[3, 11], 2] = np.nan
+        writer.write(vec, pres)
+        writer.finalize()
+    assert main(["info", str(path)]) == 0
+    assert main(["info", str(path), "--check-values"]) == 1
+    assert "verdict      corrupt: 2 rows hold NaN or Inf" in capsys.readouterr().out
+
+
+def test_truncated_store_is_refused_with_a_clear_message(complete_store, tmp_path):
+    size = complete_store.stat().st_size
+    for keep in (size // 2, size - 1, 100):
+        broken = tmp_path / f"cut{keep}.h5"
+        shutil.copy(complete_store, broken)
+        os.truncate(broken, keep)
+        with pytest.raises(PipelineError) as err:
+            FeatureStore.open(broken)
+        message = str(err.value)
+        assert str(broken) in message and "corrupt or truncated" in message and "re-run extraction" in message
+        assert verify(broken).status == "corrupt"
+    result = _info(tmp_path / f"cut{size // 2}.h5")
+    assert result.returncode == 1
+    assert "verdict      corrupt" in result.stdout and "Traceback" not in result.stdout + result.stderr
+
+
+def test_store_missing_a_dataset_is_refused(complete_store, tmp_path):
+    broken = tmp_path / "nomask.h5"
+    shutil.copy(complete_store, broken)
+    with h5py.File(broken, "r+") as f:
+        del f["mask"]
+    with pytest.raises(PipelineError, match="missing datasets: mask"):
+        FeatureStore.open(broken)
+    assert main(["info", str(broken)]) == 1
+
+
+def test_readers_never_write(complete_store, tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    path = folder / "store.h5"
+    shutil.copy(complete_store, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    stat = path.stat()
+    path.chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        with FeatureStore.open(path, sw.FINGERPRINT, in_memory=True) as store:
+            assert store.get(["N10007"]).shape == (1, DIM)
+        with FeatureStore.open(path) as store:
+            store.take_tokens([3, 1])
+        assert main(["info", str(path), "--check-values"]) == 0
+    finally:
+        folder.chmod(0o755)
+        path.chmod(0o644)
+    capsys.readouterr()
+    # Tests run as root, which ignores the modes: prove no write happened directly.
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert sorted(p.name for p in folder.iterdir()) == ["store.h5"]
+
+
+def test_resume_after_close_equals_uninterrupted_write(tmp_path):
+    reference = _write(tmp_path / "ref.h5", chunk=ROWS)
+    path = tmp_path / "s.h5"
+    meta, ids = sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS)
+    for stop in (13, 150, 151, ROWS):
+        with FeatureWriter(path, meta, ids, fsync=False) as writer:
+            assert writer.resumed == (stop != 13)
+            for start in range(writer.next_row, stop, 29):
+                writer.write(*sw.make_rows(start, min(start + 29, stop), DIM, TOKENS))
+            assert writer.next_row == stop
+            if stop == ROWS:
+                writer.finalize()
+    assert _datasets(path) == _datasets(reference)
+
+
+def test_row_writes_leave_hdf5_metadata_untouched(tmp_path):
+    path = tmp_path / "s.h5"
+    writer = FeatureWriter(path, sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS), fsync=False)
+    before = np.frombuffer(partial_path(path).read_bytes(), dtype=np.uint8)
+    with h5py.File(partial_path(path), "r") as f:
+        blocks = [(f[n].id.get_offset(), f[n].id.get_storage_size()) for n in ("vectors", "present", "tokens", "mask")]
+    for start in range(0, ROWS, 50):
+        writer.write(*sw.make_rows(start, start + 50, DIM, TOKENS))
+    after = np.frombuffer(partial_path(path).read_bytes(), dtype=np.uint8)
+    writer.close()
+    outside = np.ones(len(before), dtype=bool)
+    for offset, size in blocks:
+        outside[offset:offset + size] = False
+        assert not np.array_equal(before[offset:offset + size], after[offset:offset + size])
+    assert len(after) == len(before)
+    # Everything HDF5 itself reads to find the data is byte-for-byte as created.
+    assert np.array_equal(before[outside], after[outside])
+
+
+def test_resume_with_other_meta_or_ids_is_refused_unless_restart(tmp_path):
+    path = tmp_path / "s.h5"
+    meta, ids = sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS)
+    with FeatureWriter(path, meta, ids, fsync=False) as writer:
+        writer.write(*sw.make_rows(0, 40, DIM, TOKENS))
+    cases = [
+        (sw.make_meta(DIM, TOKENS, checkpoint="tiny/other"), ids, "checkpoint: file has 'tiny/kill-test'"),
+        (sw.make_meta(DIM, TOKENS, fingerprint="sha256:new"), ids, "fingerprint: file has"),
+        (sw.make_meta(DIM, None), ids, "token_len: file has 4, this run has None"),
+        (meta, ids[:2] + ["X"] + ids[3:], "news ids differ from row 2 on"),
+        (meta, ids[:-1], "rows: file has 400, this run has 399"),
+    ]
+    for other_meta, other_ids, reason in cases:
+        with pytest.raises(PipelineError, match="restart=True") as err:
+            FeatureWriter(path, other_meta, other_ids)
+        assert reason in str(err.value)
+    with FeatureWriter(path, meta, ids, fsync=False) as writer:
+        assert writer.resumed and writer.next_row == 40
+    with FeatureWriter(path, sw.make_meta(DIM, TOKENS, fingerprint="sha256:new"), ids, restart=True) as writer:
+        assert not writer.resumed and writer.next_row == 0
+
+
+def test_unreadable_partial_is_reported_and_started_over(tmp_path, caplog):
+    path = tmp_path / "s.h5"
+    meta, ids = sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS)
+    with FeatureWriter(path, meta, ids, fsync=False) as writer:
+        writer.write(*sw.make_rows(0, 40, DIM, TOKENS))
+    with open(partial_path(path), "r+b") as fh:
+        fh.write(b"\xff" * 512)  # smash the superblock
+    with caplog.at_level(logging.WARNING, logger="storage.features"):
+        writer = FeatureWriter(path, meta, ids, fsync=False)
+    assert not writer.resumed and writer.next_row == 0
+    assert "cannot be reused" in writer.discarded and "starting over" in caplog.text
+    writer.close()
+
+
+def test_writer_guards(tmp_path):
+    path = tmp_path / "s.h5"
+    meta, ids = sw.make_meta(DIM, TOKENS), sw.make_ids(20)
+    writer = FeatureWriter(path, meta, ids, fsync=False)
+    with pytest.raises(PipelineError, match="another process is writing"):
+        FeatureWriter(path, meta, ids)
+    vec, pres, tok, msk = sw.make_rows(0, 20, DIM, TOKENS)
+    with pytest.raises(ValueError, match="vectors must have shape"):
+        writer.write(vec[:, :3], pres, tok, msk)
+    with pytest.raises(ValueError, match="pass tokens and mask"):
+        writer.write(vec, pres)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        writer.write(vec, pres, tok, msk[:, :2])
+    writer.write(vec[:10], pres[:10], tok[:10], msk[:10])
+    with pytest.raises(ValueError, match="overflow"):
+        writer.write(vec, pres, tok, msk)
+    with pytest.raises(PipelineError, match="only 10 of 20 rows"):
+        writer.finalize()
+    writer.write(vec[10:], pres[10:], tok[10:], msk[10:])
+    writer.finalize()
+    with pytest.raises(PipelineError, match="already exists and is complete"):
+        FeatureWriter(path, meta, ids)
+    with pytest.raises(PipelineError, match="occurs more than once"):
+        FeatureWriter(tmp_path / "d.h5", meta, ["a", "b", "a"])
+    # restart=True rewrites a complete store; the old one stays readable until the new one lands.
+    rewriter = FeatureWriter(path, meta, ids, restart=True, fsync=False)
+    with FeatureStore.open(path) as store:
+        assert len(store) == 20
+    rewriter.close()
+
+
+def test_empty_store_round_trips(tmp_path):
+    path = tmp_path / "empty.h5"
+    with FeatureWriter(path, sw.make_meta(DIM, TOKENS), [], fsync=False) as writer:
+        writer.finalize()
+    with FeatureStore.open(path) as store:
+        assert len(store) == 0 and store.take([]).shape == (0, DIM)
+        assert store.load().tokens.shape == (0, TOKENS, DIM)
+
+
+KILL_ROWS, KILL_CHUNK = 400, 10  # 40 chunks
+
+
+def _writer_command(path: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(HELPER), str(path), "--rows", str(KILL_ROWS), "--chunk", str(KILL_CHUNK),
+            "--dim", str(DIM), "--token-len", str(TOKENS), *extra]
+
+
+def _spawn(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _run_until(proc: subprocess.Popen, marker: str) -> list[str]:
+    """Lines the writer printed up to and including `marker` (all of them if it ended first)."""
+    lines = []
+    for line in proc.stdout:  # blocks on the writer's own progress: no fixed sleeps
+        lines.append(line.strip())
+        if lines[-1] == marker:
+            break
+    return lines
+
+
+def _kill(proc: subprocess.Popen, lines: list[str]) -> list[str]:
+    proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate()
+    assert "Traceback" not in err, err
+    return lines + out.split()
+
+
+def _resume_point(path: Path) -> int:
+    """Where a rerun continues; the probe resumes (or recreates) the partial and writes nothing."""
+    with FeatureWriter(path, sw.make_meta(DIM, TOKENS), sw.make_ids(KILL_ROWS), fsync=False) as probe:
+        assert probe.discarded is None, probe.discarded
+        return probe.next_row
+
+
+def _in_flight(lines: list[str]) -> int | None:
+    """First row of the last chunk the writer began (None before the first)."""
+    begins = [int(line.split()[1]) for line in lines if line.startswith("begin")]
+    return begins[-1] if begins else None
+
+
+def test_kill_9_at_random_moments_loses_at_most_the_chunk_in_flight(tmp_path, complete_store):
+    path = tmp_path / "killed.h5"
+    jitter = random.Random(0)
+    kills = 0
+    # Each run resumes the previous one's partial and is killed a little after it reports the
+    # marker: during creation, inside chunk k (pwrite, fdatasync, sidecar) or while finalizing.
+    for marker in ("start", "begin 0", "begin 30", "begin 90", "begin 170", "begin 260", "begin 340",
+                   "begin 390", "finalize"):
+        proc = _spawn(_writer_command(path, "--spin", "4000"))
+        lines = _run_until(proc, marker)
+        for i in range(jitter.randrange(40_000)):  # ~0-1 ms: a chunk's write takes about that long
+            pass
+        lines = _kill(proc, lines)
+        if proc.returncode == 0:  # finished before the signal landed
+            break
+        assert proc.returncode == -signal.SIGKILL
+        kills += 1
+        if path.exists():  # killed after the final rename: nothing left to resume
+            break
+        resumed = _resume_point(path)
+        in_flight = _in_flight(lines)
+        if in_flight is None:
+            assert resumed == 0
+        else:
+            # Everything before the chunk in flight survived; that chunk is either in or lost.
+            assert resumed in (in_flight, in_flight + KILL_CHUNK), (marker, lines[-3:], resumed)
+    assert kills >= 5
+    if not path.exists():
+        sw.write_store(path, KILL_ROWS, KILL_CHUNK, DIM, TOKENS)
+    assert _datasets(path) == _datasets(complete_store)
+    with FeatureStore.open(path, sw.FINGERPRINT) as store, FeatureStore.open(complete_store) as reference:
+        assert store.meta == reference.meta
+    assert not partial_path(path).exists() and not progress_path(path).exists()
+
+
+# (stall spec, rows a rerun must find committed; None = the final file was already in place)
+STALLS = [
+    ("fsync:create:1", 0),  # layout written to .partial.tmp, not yet renamed
+    ("replace:create:2", 0),  # .partial in place, first sidecar not yet
+    ("pwrite:50:1", 50),  # torn write of chunk 5's vectors
+    ("pwrite:50:3", 50),  # chunk 5: vectors and present written, tokens torn
+    ("fdatasync:80:1", 80),  # chunk 8 written, not yet synced or counted
+    ("fsync:120:1", 120),  # chunk 12 synced, new counter half-way to the sidecar
+    ("replace:120:1", 120),  # chunk 12 synced, new counter written but not yet renamed in
+    ("modify:finalize:1", KILL_ROWS),  # finalize: HDF5 attribute changed in memory only
+    ("replace:finalize:1", KILL_ROWS),  # finalize: partial marked complete, not yet renamed
+    ("fsync:finalize:3", None),  # finalize: renamed, sidecar not yet removed
+]
+
+
+@pytest.mark.parametrize("stall,committed", STALLS, ids=[s for s, _ in STALLS])
+def test_kill_9_at_each_step_of_a_commit(tmp_path, complete_store, stall, committed):
+    path = tmp_path / "killed.h5"
+    proc = _spawn(_writer_command(path, "--stall", stall))
+    lines = _kill(proc, _run_until(proc, "stalled"))
+    assert lines[-1] == "stalled" and proc.returncode == -signal.SIGKILL
+    if committed is None:
+        assert path.exists()
+    else:
+        assert not path.exists()
+        with pytest.raises(PipelineError, match="run extraction"):
+            FeatureStore.open(path)
+        assert _resume_point(path) == committed
+        sw.write_store(path, KILL_ROWS, KILL_CHUNK, DIM, TOKENS)
+    assert _datasets(path) == _datasets(complete_store)
+    with FeatureStore.open(path, sw.FINGERPRINT):
+        pass
+    with pytest.raises(PipelineError, match="already exists and is complete"):
+        FeatureWriter(path, sw.make_meta(DIM, TOKENS), sw.make_ids(KILL_ROWS))
+    assert not progress_path(path).exists() and not partial_path(path).exists()
