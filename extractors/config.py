@@ -1,0 +1,57 @@
+"""The one frozen description of how an extractor turns news into vectors.
+
+Preprocessing travels with the model: checkpoint, pooling, maximum length, image size,
+mean/std, crop and the missing-image strategy live here, and the same object is written as
+JSON into every feature store's attributes, so a store always says how it was made.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+Modality = Literal["text", "image", "multimodal"]
+Pooling = Literal["cls", "mean"]
+Crop = Literal["card", "cover"]
+Missing = Literal["card", "blank", "zeros"]
+Mode = Literal["frozen", "finetuned"]
+
+TINY = "tiny"
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """What an extractor is and how it preprocesses its input.
+
+    `checkpoint` is `tiny` (a seeded random model built from a config, with a tokenizer
+    trained on the dataset's titles), a Hugging Face / timm model name, or a local directory.
+    """
+
+    name: str
+    checkpoint: str = TINY
+    modality: Modality = "text"
+    revision: str | None = None
+    pooling: Pooling = "cls"
+    max_length: int = 32
+    image_size: tuple[int, int] = (224, 224)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bicubic"
+    crop: Crop = "card"
+    missing: Missing = "card"
+    seed: int = 0
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.checkpoint == TINY
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{self.checkpoint}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)

