@@ -25,14 +25,18 @@ def local_dir(checkpoint: str) -> Path | None:
     return path.resolve() if path.is_dir() else None
 
 
+def looks_like_path(checkpoint: str) -> bool:
+    """`/abs`, `./rel`, `../rel` or `~/x`; `org/name` is a hub name (when no such folder exists)."""
+    return checkpoint.startswith(("/", ".", "~"))
+
+
 def missing_message(kind: str, checkpoint: str, cause: BaseException | None = None) -> str:
     hub_cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
     )
-    looks_like_path = os.sep in checkpoint or checkpoint.startswith((".", "~"))
     where = (
         f"the directory {checkpoint!r} does not exist"
-        if looks_like_path
+        if looks_like_path(checkpoint)
         else f"{checkpoint!r} is not a local directory and is not in the Hugging Face cache ({hub_cache}); "
         "this machine cannot download it"
     )
@@ -48,9 +52,23 @@ def missing_message(kind: str, checkpoint: str, cause: BaseException | None = No
 def load_or_explain(kind: str, checkpoint: str, loader: Callable[[str], T]) -> T:
     """Run `loader(checkpoint or its directory)`; a missing checkpoint becomes a PipelineError."""
     path = local_dir(checkpoint)
-    if path is None and (os.sep in checkpoint or checkpoint.startswith((".", "~"))):
+    if path is None and looks_like_path(checkpoint):
         raise PipelineError(missing_message(kind, checkpoint))
     try:
         return loader(str(path) if path else checkpoint)
     except (OSError, ValueError, RuntimeError) as err:
         raise PipelineError(missing_message(kind, checkpoint, err)) from err
+
+
+def ensure_available(name: str, checkpoint: str) -> None:
+    """Fail in a second when a checkpoint is neither `tiny`, a local directory, nor cached."""
+    if checkpoint == "tiny" or local_dir(checkpoint) is not None:
+        return
+    kind = {"bert": "text", "vit": "vision", "blip": "BLIP"}.get(name, name)
+    if looks_like_path(checkpoint):
+        raise PipelineError(missing_message(kind, checkpoint))
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = checkpoint if "/" in checkpoint or name != "vit" else f"timm/{checkpoint}"
+    if not isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        raise PipelineError(missing_message(kind, checkpoint))

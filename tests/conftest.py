@@ -12,3 +12,17 @@ def _isolated_storage(tmp_path_factory, monkeypatch):
     root = tmp_path_factory.mktemp("storage")
     monkeypatch.setenv(ENV_VAR, str(root))
     yield root
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server and database for the flow tests of this session."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
