@@ -17,9 +17,12 @@ $(CURDIR)/.tools/bin/uv:
 sync: $(UV)
 	$(UV) sync --locked --python $(PYTHON)
 
+WORLD := storage/data/synthetic-small-seed0
+
 demo: sync
-	$(VENV_PY) -m storage.synthetic --scale small --seed 0 --out storage/data/synthetic-small
-	$(VENV_PY) -m storage.mind validate storage/data/synthetic-small
+	$(VENV_PY) -m storage.synthetic --scale small --seed 0 --out $(WORLD)
+	$(VENV_PY) -m storage.mind validate $(WORLD)
+	$(VENV_PY) -m flows.extract --data $(WORLD)
 
 test: sync
 	$(VENV_PY) -m pytest
@@ -27,6 +30,7 @@ test: sync
 bench: sync
 	$(VENV_PY) benchmarks/parse.py
 	$(VENV_PY) benchmarks/score.py
+	$(VENV_PY) benchmarks/extract.py
 
 clean:
 	rm -rf storage/data storage/features storage/models storage/reports .pytest_cache

@@ -124,9 +124,8 @@ def extract_catalogue(
         buffer = _ChunkBuffer(writer, chunk_rows, meta.token_len)
         for rows, encoded, present in batches:
             buffer.add(rows, encoded, present)
-            bar.update(buffer.flushed_since_last())
+            bar.update(len(rows))
         buffer.close()
-        bar.update(buffer.flushed_since_last())
     finally:
         bar.close()
     result.seconds = time.perf_counter() - started
@@ -169,7 +168,6 @@ class _ChunkBuffer:
     def __init__(self, writer: FeatureWriter, chunk_rows: int, token_len: int | None):
         self.writer, self.chunk_rows, self.token_len = writer, chunk_rows, token_len
         self.pending: dict[int, tuple[np.ndarray, np.ndarray | None, np.ndarray | None, bool]] = {}
-        self._last = writer.next_row
 
     def add(self, rows: np.ndarray, encoded, present: np.ndarray) -> None:
         vectors = encoded.vectors.float().cpu().numpy()  # (B, D)
@@ -184,10 +182,6 @@ class _ChunkBuffer:
         self._flush(final=True)
         if self.writer.next_row != self.writer.rows:
             raise RuntimeError(f"extraction ended at row {self.writer.next_row} of {self.writer.rows}")
-
-    def flushed_since_last(self) -> int:
-        done, self._last = self.writer.next_row - self._last, self.writer.next_row
-        return done
 
     def _flush(self, final: bool) -> None:
         while True:
