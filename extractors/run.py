@@ -121,7 +121,7 @@ def extract_catalogue(
             batches = _text_batches(extractor, catalogue, writer.next_row, batch_size, chunk_rows, dev)
         else:
             batches = _image_batches(extractor, catalogue, writer.next_row, batch_size, num_workers, dev, result)
-        buffer = _ChunkBuffer(writer, chunk_rows, meta.token_len)
+        buffer = _ChunkBuffer(writer, chunk_rows, meta.token_len, meta.dim)
         for rows, encoded, present in batches:
             buffer.add(rows, encoded, present)
             bar.update(len(rows))
@@ -163,51 +163,44 @@ def _open_writer(path: Path, meta: StoreMeta, catalogue: Catalogue) -> FeatureWr
 
 
 class _ChunkBuffer:
-    """Collects encoded batches (any row order) and writes whole chunks in catalogue order."""
+    """One chunk of rows being filled by batches (in any order inside the chunk), written to
+    the store as soon as every row of it has arrived. Batches never straddle chunks."""
 
-    def __init__(self, writer: FeatureWriter, chunk_rows: int, token_len: int | None):
-        self.writer, self.chunk_rows, self.token_len = writer, chunk_rows, token_len
-        self.pending: dict[int, tuple[np.ndarray, np.ndarray | None, np.ndarray | None, bool]] = {}
+    def __init__(self, writer: FeatureWriter, chunk_rows: int, token_len: int | None, dim: int):
+        self.writer, self.chunk_rows, self.token_len, self.dim = writer, chunk_rows, token_len, dim
+        self._start_chunk()
+
+    def _start_chunk(self) -> None:
+        self.start = self.writer.next_row
+        size = min(self.chunk_rows, self.writer.rows - self.start)
+        self.filled = 0
+        self.vectors = np.zeros((size, self.dim), dtype=np.float32)  # (C, D)
+        self.present = np.zeros(size, dtype=bool)  # (C,)
+        if self.token_len is not None:
+            self.tokens = np.zeros((size, self.token_len, self.dim), dtype=np.float32)  # (C, L, D)
+            self.mask = np.zeros((size, self.token_len), dtype=bool)  # (C, L)
 
     def add(self, rows: np.ndarray, encoded, present: np.ndarray) -> None:
-        vectors = encoded.vectors.float().cpu().numpy()  # (B, D)
-        tokens = mask = None
+        at = rows - self.start  # (B,) positions inside the chunk
+        if at.min() < 0 or at.max() >= len(self.vectors):
+            raise RuntimeError(f"batch rows {rows.min()}..{rows.max()} fall outside the chunk starting at {self.start}")
+        self.vectors[at] = encoded.vectors.float().cpu().numpy()
+        self.present[at] = present
         if self.token_len is not None:
-            tokens, mask = _pad_tokens(encoded.tokens.float().cpu().numpy(), encoded.mask.cpu().numpy(), self.token_len)
-        for j, row in enumerate(rows.tolist()):
-            self.pending[row] = (vectors[j], None if tokens is None else tokens[j], None if mask is None else mask[j], bool(present[j]))
-        self._flush(final=False)
+            tokens = encoded.tokens.float().cpu().numpy()  # (B, l, D)
+            keep = min(tokens.shape[1], self.token_len)
+            self.tokens[at, :keep] = tokens[:, :keep]
+            self.mask[at, :keep] = encoded.mask[:, :keep].cpu().numpy()
+        self.filled += len(rows)
+        if self.filled == len(self.vectors):
+            tokens = (self.tokens, self.mask) if self.token_len is not None else (None, None)
+            self.writer.write(self.vectors, self.present, tokens=tokens[0], mask=tokens[1])
+            if self.writer.next_row < self.writer.rows:
+                self._start_chunk()
 
     def close(self) -> None:
-        self._flush(final=True)
         if self.writer.next_row != self.writer.rows:
             raise RuntimeError(f"extraction ended at row {self.writer.next_row} of {self.writer.rows}")
-
-    def _flush(self, final: bool) -> None:
-        while True:
-            start = self.writer.next_row
-            end = min(start + self.chunk_rows, self.writer.rows)
-            if start >= end or not all(r in self.pending for r in range(start, end)):
-                return
-            if end - start < self.chunk_rows and not final and end != self.writer.rows:
-                return
-            items = [self.pending.pop(r) for r in range(start, end)]
-            self.writer.write(
-                np.stack([it[0] for it in items]),
-                np.array([it[3] for it in items]),
-                tokens=None if self.token_len is None else np.stack([it[1] for it in items]),
-                mask=None if self.token_len is None else np.stack([it[2] for it in items]),
-            )
-
-
-def _pad_tokens(tokens: np.ndarray, mask: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B, l, D) tokens of one batch -> (B, length, D), zero-padded, mask False on padding."""
-    b, l, d = tokens.shape
-    out = np.zeros((b, length, d), dtype=tokens.dtype)
-    out_mask = np.zeros((b, length), dtype=bool)
-    keep = min(l, length)
-    out[:, :keep], out_mask[:, :keep] = tokens[:, :keep], mask[:, :keep]
-    return out, out_mask
 
 
 def _autocast(dev: torch.device):
@@ -218,28 +211,27 @@ def _autocast(dev: torch.device):
 
 def _text_batches(extractor, catalogue: Catalogue, start: int, batch_size: int, chunk_rows: int, dev: torch.device):
     """Yield (rows, Encoded, present) with titles sorted by length inside each chunk."""
-    titles = [str(t) for t in catalogue.title]
-    encoded_ids = extractor.tokenizer(
-        titles[start:], truncation=True, max_length=extractor.config.max_length, add_special_tokens=True
-    )["input_ids"]
-    lengths = np.fromiter((len(x) for x in encoded_ids), dtype=np.int64, count=len(encoded_ids))
-    pad = extractor.tokenizer.pad_token_id or 0
+    titles = [str(t) for t in catalogue.title[start:]]
+    # Tokenised once, padded to max_length in the tokenizer's Rust code; each batch is then a
+    # slice cut to its own longest title, so the loop below does no per-title Python work.
+    encoded = extractor.tokenizer(
+        titles, truncation=True, max_length=extractor.config.max_length, padding="max_length", return_tensors="np"
+    )
+    input_ids = encoded["input_ids"].astype(np.int64)  # (N', Lmax)
+    attention = encoded["attention_mask"].astype(np.int64)  # (N', Lmax)
+    lengths = attention.sum(1)  # (N',)
     n = len(catalogue)
     for chunk_start in range(start, n, chunk_rows):
         rows = np.arange(chunk_start, min(chunk_start + chunk_rows, n))
         order = rows[np.argsort(lengths[rows - start], kind="stable")]
         for b in range(0, len(order), batch_size):
             batch_rows = order[b : b + batch_size]
-            width = int(lengths[batch_rows - start].max())
-            input_ids = np.full((len(batch_rows), width), pad, dtype=np.int64)  # (B, L)
-            attention = np.zeros((len(batch_rows), width), dtype=np.int64)  # (B, L)
-            for j, r in enumerate(batch_rows - start):
-                ids = encoded_ids[r]
-                input_ids[j, : len(ids)], attention[j, : len(ids)] = ids, 1
+            local = batch_rows - start
+            width = int(lengths[local].max())
             with torch.inference_mode(), _autocast(dev):
                 out = extractor(
-                    torch.from_numpy(input_ids).to(dev, non_blocking=True),
-                    torch.from_numpy(attention).to(dev, non_blocking=True),
+                    torch.from_numpy(input_ids[local, :width]).to(dev, non_blocking=True),
+                    torch.from_numpy(attention[local, :width]).to(dev, non_blocking=True),
                     return_tokens=True,
                 )
             yield batch_rows, out, np.ones(len(batch_rows), dtype=bool)
@@ -273,10 +265,9 @@ def _image_batches(extractor, catalogue: Catalogue, start: int, batch_size: int,
     titles = catalogue.title
     for rows, pixels, present, statuses in loader:
         rows = rows.numpy()
-        for row, status in zip(rows.tolist(), statuses):
-            result.images[status] += 1
-            if status == CORRUPT:
-                result.corrupt_ids.append(str(catalogue.ids[row]))
+        result.images.update(statuses)
+        if CORRUPT in statuses:
+            result.corrupt_ids += [str(catalogue.ids[r]) for r, st in zip(rows, statuses) if st == CORRUPT]
         pixels = pixels.to(dev, non_blocking=True)
         with torch.inference_mode(), _autocast(dev):
             if extractor.modality == "image":
