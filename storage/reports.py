@@ -25,7 +25,10 @@ The report dict (what `rankers.stats` computes, plus what the flow knows):
          "fusion": str | None, "train_seconds": float | None,
          "train_impressions_per_s": float | None, "notes": str | None},
       ],
-      "paired": {run: {metric: {"diff", "lo", "hi", "p"}}},  # run - reference, others only
+      "paired": {run: {metric: {"diff", "lo", "hi", "p"}}},  # run - its reference, others only
+      # optional: a run's own reference where it is not "reference" (e.g. the text-only
+      # run of the same ranker, so LightGBM runs are compared with LightGBM text):
+      "references": {run: reference_run},
       # optional:
       "slices": {slice: {run: {"n": int, "skipped": int (optional),
                                "metrics": {metric: {"value", "lo", "hi"}},
@@ -176,6 +179,11 @@ def validate_report(report: Mapping) -> None:
     for name, delta in paired.items():
         _need_run(name, names, f'report["paired"][{name!r}]')
         _need_values(delta, DELTA_KEYS, f'report["paired"][{name!r}]')
+    references = report.get("references") or {}
+    _need_type(references, Mapping, 'report["references"]')
+    for name, ref in references.items():
+        _need_run(name, names, f'report["references"][{name!r}]')
+        _need_run(ref, names, f'report["references"][{name!r}] -> {ref!r}')
     slices = report.get("slices") or {}
     _need_type(slices, Mapping, 'report["slices"]')
     for sname, by_run in slices.items():
@@ -351,8 +359,10 @@ class Verdict:
     entry: Mapping  # the AUC difference
     kind: str  # "help", "hurt", "none"; "higher"/"lower" for runs that add no source
     adds_images: bool
+    reference: str = ""
 
-    def sentence(self, reference: str) -> str:
+    def sentence(self, reference: str | None = None) -> str:
+        reference = self.reference or reference
         e = self.entry
         words = {"help": "images help", "hurt": "images hurt", "higher": "significantly higher",
                  "lower": "significantly lower", "none": "no significant difference"}[self.kind]
@@ -362,23 +372,31 @@ class Verdict:
 
 def verdicts(report: Mapping) -> list[Verdict]:
     """The AUC verdict of every run compared with the reference, image runs first."""
-    ref = report["reference"]
     runs = {r["name"]: r for r in report["runs"]}
-    ref_sources = set(runs[ref]["sources"])
     out = []
     for name, delta in report["paired"].items():
+        ref = reference_of(report, name)
         if name == ref:
             continue
         # Image-only runs replace text rather than add to it: they do not answer the question.
-        adds = ref_sources < set(runs[name]["sources"])
+        adds = set(runs[ref]["sources"]) < set(runs[name]["sources"])
         sig = _significance(delta["auc"])
         if adds:
             kind = {"up": "help", "down": "hurt"}.get(sig, "none")
         else:
             kind = {"up": "higher", "down": "lower"}.get(sig, "none")
-        out.append(Verdict(name, delta["auc"], kind, adds))
+        out.append(Verdict(name, delta["auc"], kind, adds, ref))
     out.sort(key=lambda v: not v.adds_images)
     return out
+
+
+def _ref_phrase(report: Mapping) -> str:
+    return "each run's reference" if report.get("references") else str(report["reference"])
+
+
+def reference_of(report: Mapping, run: str) -> str:
+    """The run that `run` is paired with: its entry in "references", else "reference"."""
+    return (report.get("references") or {}).get(run, report["reference"])
 
 
 def headline(report: Mapping) -> tuple[str, str]:
@@ -465,18 +483,18 @@ def _main_table(report: Mapping) -> Table:
 
 
 def _paired_table(report: Mapping) -> Table:
-    headers = ([_text("run")] + [_text(f"Δ {LABELS[m]}", num=True) for m in METRICS]
+    headers = ([_text("run"), _text("vs")] + [_text(f"Δ {LABELS[m]}", num=True) for m in METRICS]
                + [_text("p (AUC)", True), _text("verdict")])
     by_run = {v.run: v for v in verdicts(report)}
     rows = []
     for run in report["runs"]:
         delta = report["paired"].get(run["name"])
-        if delta is None or run["name"] == report["reference"]:
+        if delta is None or run["name"] == reference_of(report, run["name"]):
             continue
         v = by_run[run["name"]]
         verdict = {"help": "images help", "hurt": "images hurt", "higher": "higher",
                    "lower": "lower", "none": "no significant difference"}[v.kind]
-        rows.append([_text(run["name"])] + [_delta_cell(delta[m]) for m in METRICS]
+        rows.append([_text(run["name"]), _text(v.reference)] + [_delta_cell(delta[m]) for m in METRICS]
                     + [_text(_fmt(delta["auc"].get("p"), 3), True), _text(verdict)])
     return Table(headers, rows)
 
@@ -570,12 +588,12 @@ def render_markdown(report: Mapping, plots: Mapping[str, str] | None = None) -> 
     out += ["", f"## Results ({level} intervals)", "", _main_table(report).markdown(), ""]
     paired = _paired_table(report)
     if paired.rows:
-        out += [f"## Paired differences from {ref}", "",
-                f"Run minus {ref} on the same impressions, with {level} intervals; "
+        out += [f"## Paired differences from {_ref_phrase(report)}", "",
+                f"Run minus {_ref_phrase(report)} on the same impressions, with {level} intervals; "
                 "bold where the interval excludes 0.", "", paired.markdown(), ""]
     slices = report.get("slices") or {}
     if slices:
-        out += ["## Slices", "", f"Δ AUC from {ref} on each slice.", "",
+        out += ["## Slices", "", f"Δ AUC from {_ref_phrase(report)} on each slice.", "",
                 _slice_overview(report).markdown(), ""]
         for sname, by_run in slices.items():
             out += [f"### {sname}", "", _slice_detail(report, by_run).markdown(), ""]
@@ -584,7 +602,7 @@ def render_markdown(report: Mapping, plots: Mapping[str, str] | None = None) -> 
     if plots:
         out += ["## Plots", ""]
         for key, name in plots.items():
-            caption = PLOT_CAPTIONS.get(key, key).format(level=level, ref=ref)
+            caption = PLOT_CAPTIONS.get(key, key).format(level=level, ref=_ref_phrase(report))
             out += [f"![{caption}]({name})", ""]
     if report.get("config"):
         config = json.dumps(_jsonable(report["config"]), indent=2, ensure_ascii=False)
@@ -658,12 +676,12 @@ def render_html(report: Mapping, plots: Mapping[str, str] | None = None) -> str:
     parts += [f"<h2>Results <small>({esc(level)} intervals)</small></h2>", _main_table(report).html()]
     paired = _paired_table(report)
     if paired.rows:
-        parts += [f"<h2>Paired differences from {esc(ref)}</h2>",
-                  f'<p class="note">Run minus {esc(ref)} on the same impressions, with {esc(level)} '
+        parts += [f"<h2>Paired differences from {esc(_ref_phrase(report))}</h2>",
+                  f'<p class="note">Run minus {esc(_ref_phrase(report))} on the same impressions, with {esc(level)} '
                   "intervals; coloured where the interval excludes 0.</p>", paired.html()]
     slices = report.get("slices") or {}
     if slices:
-        parts += ["<h2>Slices</h2>", f'<p class="note">Δ AUC from {esc(ref)} on each slice; '
+        parts += ["<h2>Slices</h2>", f'<p class="note">Δ AUC from {esc(_ref_phrase(report))} on each slice; '
                   "open a slice for all metrics.</p>", _slice_overview(report).html()]
         for sname, by_run in slices.items():
             detail = _slice_detail(report, by_run).html()
@@ -671,7 +689,7 @@ def render_html(report: Mapping, plots: Mapping[str, str] | None = None) -> str:
     if plots:
         parts.append("<h2>Plots</h2>")
         for key, name in plots.items():
-            caption = esc(PLOT_CAPTIONS.get(key, key).format(level=level, ref=ref))
+            caption = esc(PLOT_CAPTIONS.get(key, key).format(level=level, ref=_ref_phrase(report)))
             parts.append(f'<figure><img src="{esc(name)}" alt="{caption}">'
                          f"<figcaption>{caption}</figcaption></figure>")
     parts += ["<h2>In the format of the thesis</h2>", f'<p class="note">{esc(THESIS_NOTE)}</p>',
@@ -812,7 +830,7 @@ def _plot_deltas(report: Mapping):
             if handles:
                 break
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(others), 4), frameon=False, fontsize=9)
-    fig.suptitle(f"Paired differences from {ref} ({_level(report)} intervals; right of 0 = better)",
+    fig.suptitle(f"Paired differences from {_ref_phrase(report)} ({_level(report)} intervals; right of 0 = better)",
                  fontsize=11, x=0.01, ha="left")
     return fig
 
