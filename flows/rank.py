@@ -40,6 +40,7 @@ class RankParams(BaseModel):
     ranker: Literal["nrms", "lightgbm", "random", "popularity", "oracle"] = "nrms"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: int = Field(10, ge=1, le=100)
+    lr: float | None = Field(None, gt=0, le=1)
     seed: int = Field(0, ge=0)
     storage: Path | None = None
     scale: Literal["tiny", "small", "mind-small"] = "small"
@@ -125,7 +126,11 @@ def run_rank(params: RankParams, data: Path) -> RankOutcome:
     dev = load_impressions(data, "dev", catalogue)
     options = {"seed": params.seed}
     if params.ranker == "nrms":
-        options.update(fusion=params.fusion, device=params.device, epochs=params.epochs, progress=params.progress)
+        from rankers.nrms import NRMSConfig
+
+        tuning = {"lr": params.lr} if params.lr is not None else {}
+        options = dict(fusion=params.fusion, device=params.device, progress=params.progress,
+                       config=NRMSConfig(epochs=params.epochs, seed=params.seed, **tuning))
     elif params.ranker == "lightgbm":
         options.update(fusion=params.fusion)
     elif params.ranker == "oracle":
@@ -226,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranker", choices=RANKERS, default="nrms", help="nrms (attention), lightgbm, or a baseline")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--epochs", type=int, default=10, help="maximum epochs for nrms (early stopping on validation)")
+    p.add_argument("--lr", type=float, help="NRMS learning rate (default: NRMSConfig's)")
     p.add_argument("--seed", type=int, default=0, help="ranker seed")
     p.add_argument("--storage", type=Path, help="storage root (default: $MMNEWS_STORAGE or ./storage)")
     p.add_argument("--scale", choices=["tiny", "small", "mind-small"], default="small", help="synthetic world scale when --data is absent")

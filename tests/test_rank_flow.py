@@ -81,7 +81,7 @@ def test_compare_flow_writes_every_report_file(world, tmp_path, prefect_harness)
     assert {"history 0", "history 1-4", "history 5-19", "history 20+", "with cover", "without cover"} <= set(report["slices"])
     oracle = next(r for r in report["runs"] if r["name"] == "oracle")
     stored = json.loads((world / "world.json").read_text())["summary"]["dev_metrics"]["oracle"]
-    assert oracle["metrics"]["auc"]["value"] == pytest.approx(stored["auc"], abs=1e-9)
+    assert oracle["metrics"]["auc"]["value"] == pytest.approx(stored["auc"], abs=1e-6)  # world.json keeps 6 decimals
     markdown = (folder / "report.md").read_text()
     assert "Do images help?" in markdown and "nrms · text+image (hadamard)" in markdown
 
