@@ -278,10 +278,20 @@ def _image_batches(extractor, catalogue: Catalogue, start: int, batch_size: int,
         yield rows, out, present.numpy()
 
 
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(enabled: bool, total: int, initial: int, desc: str):
+    if not enabled:
+        return _NoProgress()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="news", disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+    return tqdm(total=total, initial=initial, desc=desc, unit="news", dynamic_ncols=True, smoothing=0.1)
 
 
 __all__ = ["ExtractionResult", "extract_catalogue", "resolve_device", "spec_slug", "CONVERTED", "MISSING", "CORRUPT"]

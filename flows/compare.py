@@ -166,23 +166,11 @@ def build_flow():
     from prefect.cache_policies import NO_CACHE
     from prefect.states import Failed
 
-    from flows.extract import ExtractParams, run_extractor
-    from flows.rank import run_rank
+    from flows.extract import ExtractParams, extract_task
+    from flows.rank import rank_task
     from storage.reports import render_markdown, write_report
 
-    @task(name="extract-one", cache_policy=NO_CACHE, task_run_name="extract {spec}")
-    def extract_one(spec: str, params: ExtractParams, data: Path):
-        try:
-            return run_extractor(spec, params, data)
-        except PipelineError as err:
-            return Failed(message=str(err))
-
-    @task(name="rank-one", cache_policy=NO_CACHE, task_run_name="rank {label}")
-    def rank_one(label: str, params: RankParams):
-        try:
-            return run_rank(params, params.data)
-        except PipelineError as err:
-            return Failed(message=str(err))
+    extract_one, rank_one = extract_task(), rank_task()
 
     @task(name="report", cache_policy=NO_CACHE)
     def report_task(params: CompareParams, data: Path, outcomes: list):
@@ -210,7 +198,7 @@ def build_flow():
                 return Failed(message=state.message)
         outcomes = []
         for label, rank_params in plan(params, data):
-            state = rank_one(label, rank_params, return_state=True)
+            state = rank_one(label, rank_params, data, return_state=True)
             if state.is_failed():
                 return Failed(message=f"{label}: {state.message}")
             outcomes.append((label, state.result()))

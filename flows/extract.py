@@ -127,10 +127,10 @@ def summary_markdown(rows: list[dict], data: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_flow():
-    """The Prefect flow and task, built on demand so `--help` and errors never import Prefect."""
-    from prefect import flow, task
-    from prefect.artifacts import create_markdown_artifact
+def extract_task():
+    """The Prefect task around `run_extractor`; a PipelineError ends it Failed with its one-line
+    message (no traceback in the logs). Built on demand so `--help` never imports Prefect."""
+    from prefect import task
     from prefect.cache_policies import NO_CACHE
     from prefect.states import Failed
 
@@ -140,6 +140,17 @@ def build_flow():
             return run_extractor(spec, params, data)
         except PipelineError as err:
             return Failed(message=str(err))
+
+    return extract_one
+
+
+def build_flow():
+    """The Prefect flow, built on demand so `--help` and errors never import Prefect."""
+    from prefect import flow
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.states import Failed
+
+    extract_one = extract_task()
 
     @flow(name="extract")
     def extract(params: ExtractParams = ExtractParams()):

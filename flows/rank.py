@@ -187,23 +187,33 @@ def format_outcome(outcome: RankOutcome) -> str:
     )
 
 
-def build_flow():
-    from prefect import flow, task
-    from prefect.artifacts import create_markdown_artifact
+def rank_task():
+    """The Prefect task around `run_rank`; a PipelineError ends it Failed with its message."""
+    from prefect import task
     from prefect.cache_policies import NO_CACHE
     from prefect.states import Failed
 
-    @task(name="rank-one", cache_policy=NO_CACHE)
-    def rank_one(params: RankParams, data: Path):
+    @task(name="rank-one", cache_policy=NO_CACHE, task_run_name="rank {label}")
+    def rank_one(label: str, params: RankParams, data: Path):
         try:
             return run_rank(params, data)
         except PipelineError as err:
             return Failed(message=str(err))
 
+    return rank_one
+
+
+def build_flow():
+    from prefect import flow
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.states import Failed
+
+    rank_one = rank_task()
+
     @flow(name="rank")
     def rank(params: RankParams = RankParams()):
         data = params.data or default_world(params.scale, params.world_seed, params.storage)
-        state = rank_one(params, data, return_state=True)
+        state = rank_one(params.ranker, params, data, return_state=True)
         if state.is_failed():
             return Failed(message=state.message)
         outcome = state.result()
