@@ -373,9 +373,13 @@ def _run_until(proc: subprocess.Popen, marker: str) -> list[str]:
 
 def _kill(proc: subprocess.Popen, lines: list[str]) -> list[str]:
     proc.send_signal(signal.SIGKILL)
-    out, err = proc.communicate()
+    # Read through the file objects, not communicate(): the line iterator of _run_until may
+    # have read ahead lines into proc.stdout's buffer, which communicate() would skip.
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    proc.wait()
     assert "Traceback" not in err, err
-    return lines + out.split()
+    return lines + [line.strip() for line in out.splitlines() if line.strip()]
 
 
 def _resume_point(path: Path) -> int:
