@@ -121,7 +121,7 @@ def build_report(params: CompareParams, data: Path, outcomes: list[tuple[str, ob
     runs = []
     for label, outcome in outcomes:
         fit = outcome.fit or {}
-        sources = [r for r in roles_for(outcome.fusion)] if outcome.ranker in params.rankers else [outcome.ranker]
+        sources = list(roles_for(outcome.fusion)) if outcome.ranker in params.rankers else [outcome.ranker]
         runs.append({
             "name": label, "ranker": outcome.ranker, "sources": sources,
             "fusion": outcome.fusion if outcome.ranker in params.rankers and outcome.fusion in ("hadamard", "concat", "gated") else None,
