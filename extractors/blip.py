@@ -19,7 +19,7 @@ from torch import nn
 
 from extractors.checkpoints import load_or_explain
 from extractors.config import ExtractorConfig
-from extractors.encoded import Encoded, pool
+from extractors.encoded import Encoded, pool, set_trainable, tokenize_titles
 from extractors.images import ImageTransform
 from extractors.registry import register
 from extractors.text import _tiny_tokenizer
@@ -45,15 +45,10 @@ class BlipExtractor(nn.Module):
         self.set_trainable(False)
 
     def set_trainable(self, trainable: bool) -> None:
-        self.trainable = trainable
-        self.model.requires_grad_(trainable)
-        self.train(trainable)
+        set_trainable(self, trainable)
 
     def tokenize(self, titles: Sequence[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(
-            list(titles), padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
-        )
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return tokenize_titles(self.tokenizer, titles, self.config.max_length)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor, return_tokens: bool = False

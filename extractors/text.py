@@ -16,7 +16,7 @@ from torch import nn
 
 from extractors.checkpoints import load_or_explain
 from extractors.config import ExtractorConfig
-from extractors.encoded import Encoded, pool
+from extractors.encoded import Encoded, pool, set_trainable, tokenize_titles
 from extractors.registry import register
 from extractors.tokenizer import load_tokenizer, train_wordpiece
 from storage.errors import PipelineError
@@ -38,17 +38,10 @@ class TextExtractor(nn.Module):
         self.set_trainable(False)
 
     def set_trainable(self, trainable: bool) -> None:
-        """Frozen = evaluation mode and no gradients; trainable = training mode with gradients."""
-        self.trainable = trainable
-        self.model.requires_grad_(trainable)
-        self.train(trainable)
+        set_trainable(self, trainable)
 
     def tokenize(self, titles: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Pads to the longest title of this batch (dynamic padding), truncates at max_length."""
-        batch = self.tokenizer(
-            list(titles), padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
-        )
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return tokenize_titles(self.tokenizer, titles, self.config.max_length)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, return_tokens: bool = False) -> Encoded:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)

@@ -13,7 +13,7 @@ from torch import nn
 
 from extractors.checkpoints import load_or_explain, local_dir
 from extractors.config import ExtractorConfig
-from extractors.encoded import Encoded, pool
+from extractors.encoded import Encoded, pool, set_trainable
 from extractors.images import ImageTransform
 from extractors.registry import register
 
@@ -36,9 +36,7 @@ class VisionExtractor(nn.Module):
         self.set_trainable(False)
 
     def set_trainable(self, trainable: bool) -> None:
-        self.trainable = trainable
-        self.model.requires_grad_(trainable)
-        self.train(trainable)
+        set_trainable(self, trainable)
 
     def forward(self, pixels: torch.Tensor, return_tokens: bool = False) -> Encoded:
         tokens = self.model.forward_features(pixels)  # (B, P, D), final norm applied

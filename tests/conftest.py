@@ -26,3 +26,13 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """The tiny synthetic world (seed 0), generated once per session; tests only read it."""
+    from storage.synthetic import generate_world
+
+    out = tmp_path_factory.mktemp("world") / "tiny"
+    generate_world(out, scale="tiny", seed=0)
+    return out

@@ -17,16 +17,13 @@ from extractors.registry import create
 from extractors.run import extract_catalogue
 from storage.catalogue import load_catalogue
 from storage.features import FeatureStore, progress_path, verify
-from storage.synthetic import generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world") / "tiny"
-    generate_world(out, scale="tiny", seed=0)
-    return out
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 def cli(*args: str, env_root: Path) -> subprocess.CompletedProcess:

@@ -12,16 +12,13 @@ import pytest
 
 from flows.rank import RankParams, run_rank
 from flows.score import score_files
-from storage.synthetic import generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("world") / "tiny"
-    generate_world(out, scale="tiny", seed=0)
-    return out
+def world(tiny_world) -> Path:
+    return tiny_world
 
 
 @pytest.mark.parametrize("ranker, fusion, features", [("lightgbm", "hadamard", ["bert", "vit"]), ("popularity", "text", ["bert"])])
