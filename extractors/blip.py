@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from extractors.checkpoints import load_or_explain
-from extractors.config import ExtractorConfig
+from extractors.config import ExtractorConfig, default_pooling
 from extractors.encoded import Encoded, pool, set_trainable, tokenize_titles
 from extractors.images import ImageTransform
 from extractors.registry import register
@@ -105,13 +105,14 @@ def create_blip(
     workdir: str | Path | None = None,
     crop: str = "card",
     missing: str = "card",
-    pooling: str = "cls",
+    pooling: str | None = None,
     max_length: int = 32,
     seed: int = 0,
     **_: object,
 ) -> BlipExtractor:
     config = ExtractorConfig(
-        name="blip", checkpoint=checkpoint, modality="multimodal", pooling=pooling, max_length=max_length,
+        name="blip", checkpoint=checkpoint, modality="multimodal", pooling=default_pooling(checkpoint, pooling),
+        max_length=max_length,
         crop=crop, missing=missing, seed=seed,
     )
     if config.is_tiny:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from extractors.checkpoints import load_or_explain
-from extractors.config import ExtractorConfig
+from extractors.config import ExtractorConfig, default_pooling
 from extractors.encoded import Encoded, pool, set_trainable, tokenize_titles
 from extractors.registry import register
 from extractors.tokenizer import load_tokenizer, train_wordpiece
@@ -74,14 +74,17 @@ def create_bert(
     *,
     titles: Sequence[str] | None = None,
     workdir: str | Path | None = None,
-    pooling: str = "cls",
+    pooling: str | None = None,
     max_length: int = 32,
     seed: int = 0,
     **_: object,
 ) -> TextExtractor:
     """Build `bert:CHECKPOINT`. `tiny` needs the titles (its tokenizer is learned from them)
     and saves that tokenizer under `workdir/tokenizer` when given, reusing it when present."""
-    config = ExtractorConfig(name="bert", checkpoint=checkpoint, modality="text", pooling=pooling, max_length=max_length, seed=seed)
+    config = ExtractorConfig(
+        name="bert", checkpoint=checkpoint, modality="text", pooling=default_pooling(checkpoint, pooling),
+        max_length=max_length, seed=seed,
+    )
     if config.is_tiny:
         tokenizer = _tiny_tokenizer(titles, workdir)
         model = build_tiny_text_model(len(tokenizer), max_length, seed, tokenizer.pad_token_id)

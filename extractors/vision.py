@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from extractors.checkpoints import load_or_explain, local_dir
-from extractors.config import ExtractorConfig
+from extractors.config import ExtractorConfig, default_pooling
 from extractors.encoded import Encoded, pool, set_trainable
 from extractors.images import ImageTransform
 from extractors.registry import register
@@ -60,13 +60,14 @@ def build_tiny_vit(image_size: tuple[int, int], seed: int) -> nn.Module:
 
 @register("vit")
 def create_vit(
-    checkpoint: str = "tiny", *, crop: str = "card", missing: str = "card", pooling: str = "cls", seed: int = 0, **_: object
+    checkpoint: str = "tiny", *, crop: str = "card", missing: str = "card", pooling: str | None = None, seed: int = 0,
+    **_: object,
 ) -> VisionExtractor:
     """Build `vit:CHECKPOINT`; mean, std, size and interpolation come from the model's data config."""
     if checkpoint == "tiny":
         size = (64, 192) if crop == "card" else (96, 96)
         config = ExtractorConfig(
-            name="vit", checkpoint=checkpoint, modality="image", pooling=pooling, image_size=size,
+            name="vit", checkpoint=checkpoint, modality="image", pooling=default_pooling(checkpoint, pooling), image_size=size,
             crop=crop, missing=missing, seed=seed, max_length=0,
         )
         return VisionExtractor(config, build_tiny_vit(size, seed))
@@ -80,7 +81,8 @@ def create_vit(
     model = load_or_explain("vision", checkpoint, load)
     data = timm.data.resolve_model_data_config(model)
     config = ExtractorConfig(
-        name="vit", checkpoint=checkpoint, modality="image", pooling=pooling, image_size=tuple(data["input_size"][1:]),
+        name="vit", checkpoint=checkpoint, modality="image", pooling=default_pooling(checkpoint, pooling),
+        image_size=tuple(data["input_size"][1:]),
         mean=tuple(data["mean"]), std=tuple(data["std"]), interpolation=data.get("interpolation", "bicubic"),
         crop=crop, missing=missing, seed=seed, max_length=0,
     )

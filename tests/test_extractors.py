@@ -62,6 +62,19 @@ def test_same_seed_same_vectors_other_seed_differs(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", available())
+def test_tiny_pools_by_mean_unless_asked(name, tmp_path):
+    from extractors.encoded import pool
+
+    mean = build(name, tmp_path / "m")
+    assert mean.config.pooling == "mean"
+    out = run(mean, 3, return_tokens=True)
+    torch.testing.assert_close(out.vectors, pool(out.tokens, out.mask, "mean"))
+    cls = create(name, titles=TITLES, workdir=tmp_path / "c", pooling="cls")
+    assert cls.config.pooling == "cls"
+    torch.testing.assert_close(run(cls, 3).vectors, out.tokens[:, 0])
+
+
+@pytest.mark.parametrize("name", available())
 def test_trainable_flag_turns_gradients_on(name, tmp_path):
     extractor = build(name, tmp_path)
     extractor.set_trainable(True)
