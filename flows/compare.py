@@ -52,6 +52,7 @@ class CompareParams(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: int = Field(10, ge=1, le=100)
+    tokens: bool = False
     seed: int = Field(0, ge=0)
     n_boot: int = Field(1000, ge=100, le=100_000)
     storage: Path | None = None
@@ -75,8 +76,8 @@ def plan(params: CompareParams, data: Path) -> list[tuple[str, RankParams]]:
             features = [specs[role] for role in roles_for(source)]
             runs.append((run_label(ranker, source), RankParams(
                 data=data, images=params.images, features=features, fusion=source, ranker=ranker,
-                device=params.device, epochs=params.epochs, seed=params.seed, storage=params.storage,
-                progress=params.progress,
+                device=params.device, epochs=params.epochs, tokens=params.tokens, seed=params.seed,
+                storage=params.storage, progress=params.progress,
             )))
     for baseline in params.baselines:
         if baseline == "oracle" and not (data / "dev" / "click_probs.txt").is_file():
@@ -226,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", default="random,popularity,oracle", help="comma-separated; oracle only on the synthetic world")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--epochs", type=int, default=10, help="maximum NRMS epochs (early stopping on validation)")
+    p.add_argument("--tokens", action="store_true", help="NRMS attends over token vectors (slower; see flows.rank --help)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--storage", type=Path, help="storage root (default: $MMNEWS_STORAGE or ./storage)")

@@ -41,6 +41,7 @@ class RankParams(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: int = Field(10, ge=1, le=100)
     lr: float | None = Field(None, gt=0, le=1)
+    tokens: bool = False
     seed: int = Field(0, ge=0)
     storage: Path | None = None
     scale: Literal["tiny", "small", "mind-small"] = "small"
@@ -119,7 +120,10 @@ def run_rank(params: RankParams, data: Path) -> RankOutcome:
                               storage=params.storage, progress=params.progress),
                 data,
             )
-            features[role] = load_features(extracted["store"], catalogue, name=extracted["extractor"])
+            # Token vectors are read only for an NRMS that attends over them: LightGBM and the
+            # pooled news encoder use the stored (pooled) vectors.
+            features[role] = load_features(extracted["store"], catalogue, name=extracted["extractor"],
+                                           tokens=params.ranker == "nrms" and params.tokens)
             stores[role] = {"path": extracted["store"], "extractor": extracted["extractor"]}
 
     train, valid = carve_validation(load_impressions(data, "train", catalogue))
@@ -130,7 +134,7 @@ def run_rank(params: RankParams, data: Path) -> RankOutcome:
 
         tuning = {"lr": params.lr} if params.lr is not None else {}
         options = dict(fusion=params.fusion, device=params.device, progress=params.progress,
-                       config=NRMSConfig(epochs=params.epochs, seed=params.seed, **tuning))
+                       config=NRMSConfig(epochs=params.epochs, seed=params.seed, use_tokens=params.tokens, **tuning))
     elif params.ranker == "lightgbm":
         options.update(fusion=params.fusion)
     elif params.ranker == "oracle":
@@ -242,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--epochs", type=int, default=10, help="maximum epochs for nrms (early stopping on validation)")
     p.add_argument("--lr", type=float, help="NRMS learning rate (default: NRMSConfig's)")
+    p.add_argument("--tokens", action="store_true",
+                   help="NRMS news encoders attend over the stores' token vectors (self-attention, then additive "
+                   "attention) instead of projecting the pooled vectors; about 40x the cost of a step")
     p.add_argument("--seed", type=int, default=0, help="ranker seed")
     p.add_argument("--storage", type=Path, help="storage root (default: $MMNEWS_STORAGE or ./storage)")
     p.add_argument("--scale", choices=["tiny", "small", "mind-small"], default="small", help="synthetic world scale when --data is absent")

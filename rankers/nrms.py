@@ -61,7 +61,12 @@ class NRMSConfig:
     epochs: int = 10
     patience: int = 2  # epochs without a better validation AUC before stopping
     seed: int = 0
-    use_tokens: bool | None = None  # None: token vectors where a store has them; False: pooled only
+    # False (default): pooled vectors; None: token vectors where a store has them; True: tokens,
+    # an error where a store has none. Over frozen features pooled is the default: a token
+    # step costs about 40x a pooled one (benchmarks/rank_train.py), and on the synthetic small
+    # world tokens did not help (dev AUC, tiny extractors: text 0.539 tokens / 0.548 pooled,
+    # hadamard 0.610 / 0.630). Fine-tuning (rankers.finetune) always attends over tokens.
+    use_tokens: bool | None = False
     pooled_roles: tuple[str, ...] = ()  # roles encoded from pooled vectors even when tokens exist
 
     def __post_init__(self) -> None:

@@ -325,3 +325,19 @@ def test_save_load_round_trip_gives_identical_scores(tiny, tmp_path):
     with pytest.raises(Exception, match="widths"):
         narrow = {r: dataclasses.replace(f, vectors=f.vectors[:, :8]) for r, f in tiny["features"].items()}
         loaded.set_features(narrow)
+
+
+def test_length_batches_cover_every_sample_once_with_similar_lengths():
+    from rankers.train import length_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 51, size=1000)
+    order = rng.permutation(1000)
+    batches = length_batches(order, lengths, batch_size=16, rng=np.random.default_rng(1), pool=8)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(1000))
+    assert sorted(len(b) for b in batches) == [8] + [16] * 62  # pools of 128 samples; the last holds 104
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    shuffled_spread = np.mean([np.ptp(lengths[order[i:i + 16]]) for i in range(0, 1000, 16)])
+    assert spread < shuffled_spread / 3  # padded to the batch's longest history: far less padding
+    again = length_batches(order, lengths, batch_size=16, rng=np.random.default_rng(1), pool=8)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
