@@ -130,6 +130,7 @@ def build_report(params: CompareParams, data: Path, outcomes: list[tuple[str, ob
             "train_seconds": fit.get("seconds") or None, "train_impressions_per_s": fit.get("train_impressions_per_s") or None,
         })
     paired = {lbl: slices["all"][lbl]["delta"] for lbl in references if slices["all"][lbl]["delta"]}
+    add_oracle_share(runs)
     return {
         "title": "Do images help news recommendation?",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -145,19 +146,35 @@ def build_report(params: CompareParams, data: Path, outcomes: list[tuple[str, ob
             "Each run is paired with the text-only run of the same ranker on the same dev impressions; "
             "baselines are paired with the first ranker's text-only run.",
             "Validation for early stopping is the last day of train; dev is only evaluated.",
-        ],
+        ] + (["Share of oracle lift: (AUC - random's AUC) / (oracle's AUC - random's AUC); the oracle ranks by "
+              "the synthetic world's true click probabilities."] if any("oracle_share" in r for r in runs) else []),
         "config": json.loads(params.model_dump_json()),
     }
 
 
+def add_oracle_share(runs: list[dict]) -> None:
+    """Each run's share of the oracle's AUC lift over random, (AUC - random) / (oracle - random),
+    as `oracle_share`, when both baselines ran (the synthetic world's yardstick)."""
+    auc = {r["name"]: r["metrics"]["auc"]["value"] for r in runs}
+    if "random" not in auc or "oracle" not in auc or auc["oracle"] <= auc["random"]:
+        return
+    for run in runs:
+        run["oracle_share"] = (auc[run["name"]] - auc["random"]) / (auc["oracle"] - auc["random"])
+
+
 def summary_table(report: dict) -> str:
-    lines = [f"{'run':<36} {'AUC':>7} {'MRR':>7} {'nDCG@5':>7} {'nDCG@10':>7}  ΔAUC vs reference"]
+    share = any("oracle_share" in run for run in report["runs"])
+    lines = [f"{'run':<36} {'AUC':>7} {'MRR':>7} {'nDCG@5':>7} {'nDCG@10':>7}" + (f" {'lift':>6}" if share else "")
+             + "  ΔAUC vs reference"]
     for run in report["runs"]:
         m = run["metrics"]
         delta = report["paired"].get(run["name"], {}).get("auc")
         d = f"{delta['diff']:+.4f} [{delta['lo']:+.4f}, {delta['hi']:+.4f}]" if delta else "reference" if run["name"] in report["references"].values() or run["name"] == report["reference"] else ""
+        lift = f" {run['oracle_share']:6.0%}" if "oracle_share" in run else " " * 7 if share else ""
         lines.append(f"{run['name']:<36} {m['auc']['value']:7.4f} {m['mrr']['value']:7.4f} "
-                     f"{m['ndcg@5']['value']:7.4f} {m['ndcg@10']['value']:7.4f}  {d}")
+                     f"{m['ndcg@5']['value']:7.4f} {m['ndcg@10']['value']:7.4f}{lift}  {d}")
+    if share:
+        lines.append("lift: share of the oracle's AUC gain over random, (AUC - random) / (oracle - random)")
     return "\n".join(lines)
 
 

@@ -468,13 +468,17 @@ def _run_name(name: str, reference: str) -> Cell:
 
 def _main_table(report: Mapping) -> Table:
     ref = report["reference"]
+    share = any(_num(run.get("oracle_share")) is not None for run in report["runs"])
     headers = ([_text("run"), _text("ranker"), _text("sources")]
                + [_text(LABELS[m], num=True) for m in METRICS]
+               + ([_text("share of oracle lift", True)] if share else [])
                + [_text("impressions", True), _text("train time", True), _text("impressions / s", True)])
     rows, classes = [], []
     for run in report["runs"]:
+        lift = _num(run.get("oracle_share"))
         rows.append([_run_name(run["name"], ref), _text(run["ranker"]), _sources(run)]
                     + [_value_cell(run["metrics"][m]) for m in METRICS]
+                    + ([_text(DASH if lift is None else f"{lift:.0%}", True)] if share else [])
                     + [_text(_fmt_int(run["impressions"]), True),
                        _text(_fmt_seconds(run.get("train_seconds")), True),
                        _text(_fmt_rate(run.get("train_impressions_per_s")), True)])

@@ -79,8 +79,22 @@ def test_compare_flow_writes_every_report_file(world, tmp_path, prefect_harness)
     oracle = next(r for r in report["runs"] if r["name"] == "oracle")
     stored = json.loads((world / "world.json").read_text())["summary"]["dev_metrics"]["oracle"]
     assert oracle["metrics"]["auc"]["value"] == pytest.approx(stored["auc"], abs=1e-6)  # world.json keeps 6 decimals
+    assert oracle["oracle_share"] == pytest.approx(1.0)
+    assert next(r for r in report["runs"] if r["name"] == "random")["oracle_share"] == pytest.approx(0.0)
     markdown = (folder / "report.md").read_text()
     assert "Do images help?" in markdown and "nrms · text+image (hadamard)" in markdown
+    assert "share of oracle lift" in markdown
+
+
+def test_oracle_share_is_the_lift_over_random_relative_to_the_oracle():
+    from flows.compare import add_oracle_share
+
+    runs = [{"name": n, "metrics": {"auc": {"value": v}}} for n, v in (("random", 0.5), ("oracle", 0.8), ("a", 0.65))]
+    add_oracle_share(runs)
+    assert [r["oracle_share"] for r in runs] == pytest.approx([0.0, 1.0, 0.5])
+    without = [{"name": "a", "metrics": {"auc": {"value": 0.6}}}]
+    add_oracle_share(without)
+    assert "oracle_share" not in without[0]
 
 
 def test_compare_cli_rejects_bad_options(tmp_path):
