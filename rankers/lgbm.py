@@ -369,6 +369,17 @@ def subsample_negatives(offsets: np.ndarray, labels: np.ndarray, fraction: float
     return ~neg | (rank < quota[imp])
 
 
+@dataclass(frozen=True)
+class TrainingRows:
+    """The rows lambdarank learns from, in impression order (V valid rows)."""
+
+    x: np.ndarray  # (T', F) float32
+    y: np.ndarray  # (T',) int8 labels
+    group: np.ndarray  # (M',) rows per train impression, in row order
+    valid: Impressions | None  # the valid impressions with a click and a non-click, if any
+    valid_x: np.ndarray | None  # (V, F) their features
+
+
 # ----------------------------------------------------------------------------- the ranker
 
 
@@ -446,13 +457,12 @@ class LightGBMRanker:
         return self._builder.matrix(impressions, rows)
 
     # -- training -----------------------------------------------------------------------
-    def fit(self, train: Impressions, valid: Impressions, features: dict[str, NewsFeatures]) -> FitReport:
-        import lightgbm as lgb
-
+    def training_rows(self, train: Impressions, valid: Impressions, features: Mapping[str, NewsFeatures]) -> TrainingRows:
+        """Attach `features` (new centres) and build the rows lambdarank learns from; sets `fit_info`.
+        Shared by `fit` and rankers.lgbm_dask, so both train on exactly the same rows."""
         cfg = self.config
         if not train.labeled:
             raise PipelineError(f"split {train.name!r} is unlabeled; a ranker trains on labeled impressions")
-        started = time.perf_counter()
         self.booster, self._builder = None, None  # a new fit: new centres, any stores
         self.set_features(features)
         useful = useful_impressions(train)
@@ -465,12 +475,11 @@ class LightGBMRanker:
         y = fit_train.labels[keep]
         group = np.bincount(fit_train.row_impression[keep], minlength=len(fit_train))  # (M',)
 
-        eval_kw: dict[str, Any] = {}
+        fit_valid, valid_x = None, None
         valid_useful = useful_impressions(valid) if len(valid) and valid.labeled else np.zeros(len(valid), bool)
         if valid_useful.any():
             fit_valid = valid.select(valid_useful, "valid")
-            eval_kw = dict(eval_X=(self.features_of(fit_valid),), eval_y=(fit_valid.labels,),
-                           eval_group=[fit_valid.candidate_counts], eval_names=["valid"], eval_at=[EVAL_AT])
+            valid_x = self.features_of(fit_valid)  # (V, F)
         self.fit_info = {
             "train_impressions": len(train),
             "train_impressions_used": len(fit_train),
@@ -482,6 +491,19 @@ class LightGBMRanker:
             "valid_impressions_used": int(np.count_nonzero(valid_useful)),
             "features": len(self.feature_names),
         }
+        return TrainingRows(x, y, group, fit_valid, valid_x)
+
+    def fit(self, train: Impressions, valid: Impressions, features: dict[str, NewsFeatures]) -> FitReport:
+        import lightgbm as lgb
+
+        cfg = self.config
+        started = time.perf_counter()
+        rows = self.training_rows(train, valid, features)
+        x, y, group = rows.x, rows.y, rows.group
+        eval_kw: dict[str, Any] = {}
+        if rows.valid is not None:
+            eval_kw = dict(eval_X=(rows.valid_x,), eval_y=(rows.valid.labels,), eval_group=[rows.valid.candidate_counts],
+                           eval_names=["valid"], eval_at=[EVAL_AT])
         features_seconds = time.perf_counter() - started
 
         evals: dict[str, dict[str, list[float]]] = {}
@@ -507,11 +529,11 @@ class LightGBMRanker:
 
         report = FitReport(epochs=trained, best_epoch=self.best_iteration)
         report.history = [{"epoch": i + 1, f"valid_ndcg@{EVAL_AT}": float(v)} for i, v in enumerate(curve)]
-        if valid_useful.any():
+        if rows.valid is not None:
             metrics = evaluate(valid.cand_offsets, valid.labels, self.score(valid))
             report.valid_metrics = {k: float(v) for k, v in metrics.items()}
         report.seconds = time.perf_counter() - started
-        report.train_impressions_per_s = len(fit_train) / report.seconds if report.seconds else 0.0
+        report.train_impressions_per_s = len(group) / report.seconds if report.seconds else 0.0
         return report
 
     # -- scoring ------------------------------------------------------------------------
