@@ -7,6 +7,12 @@ counter means something); inside a chunk, titles are sorted by length and padded
 which keeps padding waste small without giving up resumability. Images are decoded in
 DataLoader workers into pinned memory and copied without blocking; on a GPU the model runs
 under bf16 autocast. Letters: N news, B batch, L tokens, D width.
+
+Sharded (`plan_sharded`, `extract_catalogue(..., shard=)`, `merge_sharded`): each worker
+extracts one contiguous row range into its own store (storage/shards.py), then one merge
+writes the usual store. Shard boundaries fall on chunk boundaries, so a shard forms the same
+chunks and batches as a single process and the merged store holds the same bytes.
+Disk failures surface as `StoreIOError` (or a plain OSError), the errors worth retrying.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import torch
 from extractors.images import CONVERTED, CORRUPT, MISSING, CardDataset
 from storage.catalogue import Catalogue
 from storage.errors import PipelineError
-from storage.features import FeatureStore, FeatureWriter, StoreMeta, store_path
+from storage.features import FeatureStore, FeatureWriter, StoreIOError, StoreMeta, store_path
+from storage.shards import Shard, merge_shards, plan_shards, shard_problems
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,7 @@ class ExtractionResult:
     images: Counter = field(default_factory=Counter)  # read status -> count, rows done in this run
     corrupt_ids: list[str] = field(default_factory=list)
     present: int = 0
+    shard: Shard | None = None  # set when this was one shard of a sharded extraction
 
     @property
     def rows_per_second(self) -> float:
@@ -86,6 +94,20 @@ def store_meta(extractor, catalogue: Catalogue, tokens: bool, dtype: str, mode: 
     )
 
 
+def chunk_size(batch_size: int, chunk_rows: int) -> int:
+    """Rows per committed chunk: `chunk_rows` rounded down to whole batches (at least one).
+
+    Chunks hold whole batches, so a resumed run (or a shard starting on a chunk boundary)
+    forms exactly the batches an uninterrupted single run forms, and gives bit-identical
+    vectors."""
+    return max(1, chunk_rows // batch_size) * batch_size
+
+
+def catalogue_store(extractor, catalogue: Catalogue, features_dir: Path) -> Path:
+    """The store `extract_catalogue` fills for this extractor and catalogue."""
+    return store_path(features_dir, catalogue.name, spec_slug(extractor), "frozen")
+
+
 def extract_catalogue(
     extractor,
     catalogue: Catalogue,
@@ -98,81 +120,167 @@ def extract_catalogue(
     dtype: str = "float16",
     chunk_rows: int = 1024,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> ExtractionResult:
-    """Encode every news of `catalogue` with `extractor` into its store; resume or reuse it."""
-    # Chunks hold whole batches, so a resumed run forms exactly the batches an uninterrupted
-    # one would have formed, and gives bit-identical vectors.
-    chunk_rows = max(1, chunk_rows // batch_size) * batch_size
-    meta = store_meta(extractor, catalogue, tokens, dtype)
-    path = store_path(features_dir, catalogue.name, spec_slug(extractor), "frozen")
-    spec = extractor.config.spec
-    cached = _matching_store(path, meta, catalogue)
-    if cached is not None:
-        return ExtractionResult(spec, path, len(catalogue), meta.dim, meta.token_len, cached=True, present=cached)
+    """Encode every news of `catalogue` with `extractor` into its store; resume or reuse it.
 
-    writer = _open_writer(path, meta, catalogue)
-    dev = resolve_device(device)
-    extractor.to(dev)
-    result = ExtractionResult(spec, path, len(catalogue), meta.dim, meta.token_len, resumed_from=writer.next_row)
-    started = time.perf_counter()
-    bar = _progress(progress, len(catalogue), writer.next_row, spec)
+    With `shard` (from `plan_sharded`, same batch_size and chunk_rows), only rows
+    [shard.start, shard.stop) are encoded, into the shard's own store.
+    """
+    chunk_rows = chunk_size(batch_size, chunk_rows)
+    meta = store_meta(extractor, catalogue, tokens, dtype)
+    n = len(catalogue)
+    spec = extractor.config.spec
+    if shard is None:
+        path, first, stop, attrs = catalogue_store(extractor, catalogue, features_dir), 0, n, None
+    else:
+        _check_shard(shard, n, chunk_rows)
+        path, first, stop, attrs = shard.path, shard.start, shard.stop, shard.attrs(n)
+    ids = catalogue.ids[first:stop]
+    cached = _matching_store(path, meta, ids, shard, catalogue.ids)
+    if cached is not None:
+        return ExtractionResult(spec, path, stop - first, meta.dim, meta.token_len, cached=True, present=cached,
+                                shard=shard)
+
+    writer = _open_writer(path, meta, ids, attrs)
     try:
-        if extractor.modality == "text":
-            batches = _text_batches(extractor, catalogue, writer.next_row, batch_size, chunk_rows, dev)
-        else:
-            batches = _image_batches(extractor, catalogue, writer.next_row, batch_size, num_workers, dev, result)
-        buffer = _ChunkBuffer(writer, chunk_rows, meta.token_len, meta.dim)
-        for rows, encoded, present in batches:
-            buffer.add(rows, encoded, present)
-            bar.update(len(rows))
-        buffer.close()
-    finally:
-        bar.close()
-    result.seconds = time.perf_counter() - started
-    writer.finalize()
+        result = ExtractionResult(spec, path, stop - first, meta.dim, meta.token_len, resumed_from=writer.next_row,
+                                  shard=shard)
+        dev = resolve_device(device)
+        extractor.to(dev)
+        started = time.perf_counter()
+        start = first + writer.next_row  # catalogue row to resume from
+        bar = _progress(progress, stop - first, writer.next_row, spec if shard is None else f"{spec} {shard.name}")
+        try:
+            if extractor.modality == "text":
+                batches = _text_batches(extractor, catalogue, start, stop, batch_size, chunk_rows, dev)
+            else:
+                batches = _image_batches(extractor, catalogue, start, stop, batch_size, num_workers, dev, result)
+            buffer = _ChunkBuffer(writer, first, chunk_rows, meta.token_len, meta.dim)
+            for rows, encoded, present in batches:
+                buffer.add(rows, encoded, present)
+                bar.update(len(rows))
+            buffer.close()
+        finally:
+            bar.close()
+        result.seconds = time.perf_counter() - started
+        writer.finalize()
+    except BaseException:
+        # Releases the store's lock, so a retry in this same process can resume the partial.
+        writer.close()
+        raise
     with FeatureStore.open(path, expected_fingerprint=meta.fingerprint) as store:
         result.present = int(store.present.sum())
     return result
 
 
-def _matching_store(path: Path, meta: StoreMeta, catalogue: Catalogue) -> int | None:
-    """The present-row count of a complete store made with exactly this meta, else None."""
+def _check_shard(shard: Shard, rows: int, chunk_rows: int) -> None:
+    aligned = shard.start % chunk_rows == 0 and (shard.stop % chunk_rows == 0 or shard.stop == rows)
+    if not (0 <= shard.start <= shard.stop <= rows) or not aligned:
+        raise PipelineError(
+            f"{shard.describe()} does not lie on {chunk_rows}-row chunk boundaries of the {rows} rows; "
+            f"plan the shards with the same batch size and chunk rows as the extraction (plan_sharded)")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """A sharded extraction of one extractor: the final store, the meta every shard and the
+    merged store must carry, and the shards (picklable, for workers elsewhere)."""
+
+    spec: str
+    path: Path
+    meta: StoreMeta
+    shards: tuple[Shard, ...]
+
+
+def plan_sharded(
+    extractor,
+    catalogue: Catalogue,
+    features_dir: Path,
+    shards: int,
+    *,
+    batch_size: int = 64,
+    chunk_rows: int = 1024,
+    tokens: bool = True,
+    dtype: str = "float16",
+) -> ShardPlan:
+    """Up to `shards` contiguous, chunk-aligned row ranges of the catalogue's store."""
+    path = catalogue_store(extractor, catalogue, features_dir)
+    planned = plan_shards(path, len(catalogue), shards, chunk_size(batch_size, chunk_rows))
+    return ShardPlan(extractor.config.spec, path, store_meta(extractor, catalogue, tokens, dtype), tuple(planned))
+
+
+def finished_store(plan: ShardPlan, catalogue: Catalogue) -> ExtractionResult | None:
+    """The cached result when the plan's store is already complete and matching, else None."""
+    present = _matching_store(plan.path, plan.meta, catalogue.ids)
+    if present is None:
+        return None
+    return ExtractionResult(plan.spec, plan.path, len(catalogue), plan.meta.dim, plan.meta.token_len, cached=True,
+                            present=present)
+
+
+def merge_sharded(plan: ShardPlan, catalogue: Catalogue, *, remove_shards: bool = True) -> ExtractionResult:
+    """Check every shard of `plan` and merge them into its store (reused when already there)."""
+    done = finished_store(plan, catalogue)
+    if done is not None:
+        return done
+    started = time.perf_counter()
+    merge_shards(plan.path, plan.shards, plan.meta, catalogue.ids, remove=remove_shards)
+    with FeatureStore.open(plan.path, expected_fingerprint=plan.meta.fingerprint) as store:
+        present = int(store.present.sum())
+    return ExtractionResult(plan.spec, plan.path, len(catalogue), plan.meta.dim, plan.meta.token_len,
+                            seconds=time.perf_counter() - started, present=present)
+
+
+def _matching_store(path: Path, meta: StoreMeta, ids: np.ndarray, shard: Shard | None = None,
+                    all_ids: np.ndarray | None = None) -> int | None:
+    """The present-row count of a complete store made with exactly this meta and ids (and,
+    for a shard, recording exactly this shard), else None."""
     if not path.exists():
         return None
     try:
         with FeatureStore.open(path) as store:
-            if store.meta.differences(meta) or not np.array_equal(store.ids, catalogue.ids):
+            stale = store.meta.differences(meta) or not np.array_equal(store.ids, ids)
+            if not stale and shard is not None:
+                stale = bool(shard_problems(shard, store, meta, all_ids))
+            if stale:
                 log.info("%s was made with other settings or data; extracting again", path)
                 return None
             return int(store.present.sum())
+    except StoreIOError:
+        raise
     except PipelineError as err:
         log.warning("%s is unusable (%s); extracting again", path, err)
         return None
 
 
-def _open_writer(path: Path, meta: StoreMeta, catalogue: Catalogue) -> FeatureWriter:
+def _open_writer(path: Path, meta: StoreMeta, ids: np.ndarray, attrs: dict | None = None) -> FeatureWriter:
     if path.exists():
-        return FeatureWriter(path, meta, catalogue.ids, restart=True)
+        return FeatureWriter(path, meta, ids, restart=True, attrs=attrs)
     try:
-        return FeatureWriter(path, meta, catalogue.ids)
+        return FeatureWriter(path, meta, ids, attrs=attrs)
+    except StoreIOError:
+        raise
     except PipelineError as err:
         # The store's name is fixed by (dataset, extractor, checkpoint); a partial made with
-        # other preprocessing is stale once the user asks for new settings.
+        # other preprocessing (or, for a shard, another row range) is stale once the user asks
+        # for new settings.
         log.warning("%s; discarding the interrupted extraction and starting over", err)
-        return FeatureWriter(path, meta, catalogue.ids, restart=True)
+        return FeatureWriter(path, meta, ids, restart=True, attrs=attrs)
 
 
 class _ChunkBuffer:
     """One chunk of rows being filled by batches (in any order inside the chunk), written to
-    the store as soon as every row of it has arrived. Batches never straddle chunks."""
+    the store as soon as every row of it has arrived. Batches never straddle chunks.
+    `first` is the catalogue row of the store's row 0 (a shard's start)."""
 
-    def __init__(self, writer: FeatureWriter, chunk_rows: int, token_len: int | None, dim: int):
-        self.writer, self.chunk_rows, self.token_len, self.dim = writer, chunk_rows, token_len, dim
+    def __init__(self, writer: FeatureWriter, first: int, chunk_rows: int, token_len: int | None, dim: int):
+        self.writer, self.first, self.chunk_rows, self.token_len, self.dim = writer, first, chunk_rows, token_len, dim
         self._start_chunk()
 
     def _start_chunk(self) -> None:
-        self.start = self.writer.next_row
-        size = min(self.chunk_rows, self.writer.rows - self.start)
+        self.start = self.first + self.writer.next_row
+        size = min(self.chunk_rows, self.writer.rows - self.writer.next_row)
         self.filled = 0
         self.vectors = np.zeros((size, self.dim), dtype=np.float32)  # (C, D)
         self.present = np.zeros(size, dtype=bool)  # (C,)
@@ -209,9 +317,11 @@ def _autocast(dev: torch.device):
     return contextlib.nullcontext()
 
 
-def _text_batches(extractor, catalogue: Catalogue, start: int, batch_size: int, chunk_rows: int, dev: torch.device):
-    """Yield (rows, Encoded, present) with titles sorted by length inside each chunk."""
-    titles = [str(t) for t in catalogue.title[start:]]
+def _text_batches(extractor, catalogue: Catalogue, start: int, stop: int, batch_size: int, chunk_rows: int,
+                  dev: torch.device):
+    """Yield (rows, Encoded, present) for catalogue rows start..stop-1, titles sorted by
+    length inside each chunk."""
+    titles = [str(t) for t in catalogue.title[start:stop]]
     # Tokenised once, padded to max_length in the tokenizer's Rust code; each batch is then a
     # slice cut to its own longest title, so the loop below does no per-title Python work.
     encoded = extractor.tokenizer(
@@ -220,9 +330,8 @@ def _text_batches(extractor, catalogue: Catalogue, start: int, batch_size: int, 
     input_ids = encoded["input_ids"].astype(np.int64)  # (N', Lmax)
     attention = encoded["attention_mask"].astype(np.int64)  # (N', Lmax)
     lengths = attention.sum(1)  # (N',)
-    n = len(catalogue)
-    for chunk_start in range(start, n, chunk_rows):
-        rows = np.arange(chunk_start, min(chunk_start + chunk_rows, n))
+    for chunk_start in range(start, stop, chunk_rows):
+        rows = np.arange(chunk_start, min(chunk_start + chunk_rows, stop))
         order = rows[np.argsort(lengths[rows - start], kind="stable")]
         for b in range(0, len(order), batch_size):
             batch_rows = order[b : b + batch_size]
@@ -238,19 +347,21 @@ def _text_batches(extractor, catalogue: Catalogue, start: int, batch_size: int, 
 
 
 class _IndexedCards(torch.utils.data.Dataset):
-    def __init__(self, cards: CardDataset, start: int):
-        self.cards, self.start = cards, start
+    def __init__(self, cards: CardDataset, start: int, stop: int):
+        self.cards, self.start, self.stop = cards, start, stop
 
     def __len__(self) -> int:
-        return len(self.cards) - self.start
+        return self.stop - self.start
 
     def __getitem__(self, i: int):
         pixels, present, status = self.cards[self.start + i]
         return self.start + i, pixels, present, status
 
 
-def _image_batches(extractor, catalogue: Catalogue, start: int, batch_size: int, num_workers: int, dev: torch.device, result: ExtractionResult):
-    """Yield (rows, Encoded, present) in catalogue order; images decoded in workers."""
+def _image_batches(extractor, catalogue: Catalogue, start: int, stop: int, batch_size: int, num_workers: int,
+                   dev: torch.device, result: ExtractionResult):
+    """Yield (rows, Encoded, present) for catalogue rows start..stop-1 in order; images decoded
+    in workers."""
     cards = CardDataset(
         [catalogue.image_path(i) for i in range(len(catalogue))],
         [str(t) for t in catalogue.title],
@@ -259,7 +370,7 @@ def _image_batches(extractor, catalogue: Catalogue, start: int, batch_size: int,
         extractor.config.missing,
     )
     loader = torch.utils.data.DataLoader(
-        _IndexedCards(cards, start), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        _IndexedCards(cards, start, stop), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=dev.type == "cuda", persistent_workers=False,
     )
     titles = catalogue.title
@@ -294,4 +405,5 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, unit="news", dynamic_ncols=True, smoothing=0.1)
 
 
-__all__ = ["ExtractionResult", "extract_catalogue", "resolve_device", "spec_slug", "CONVERTED", "MISSING", "CORRUPT"]
+__all__ = ["ExtractionResult", "ShardPlan", "catalogue_store", "chunk_size", "extract_catalogue", "finished_store",
+           "merge_sharded", "plan_sharded", "resolve_device", "spec_slug", "CONVERTED", "MISSING", "CORRUPT"]

@@ -101,6 +101,14 @@ _PROGRESS_FORMAT = "mmnews-features-progress"
 PathLike = str | os.PathLike[str]
 
 
+class StoreIOError(PipelineError):
+    """A disk read or write of a store failed (space, permissions, a flaky network mount).
+
+    Unlike the other PipelineErrors it may be transient: the committed rows are intact, so
+    an orchestrator may retry and the writer resumes where the counter stands.
+    """
+
+
 # --------------------------------------------------------------------------- metadata
 
 
@@ -441,13 +449,19 @@ class FeatureWriter:
     `restart=True` discards a partial (and lets a complete file be rewritten). `fsync=False`
     skips fsync calls: still safe against a killed process, not against power loss.
     The context manager closes without finalizing, leaving the partial to resume.
+    `attrs` are extra root attributes written at creation (e.g. a shard's row range); they
+    may not shadow the store's own attributes.
     """
 
     def __init__(self, path: PathLike, meta: StoreMeta, ids: Sequence[str] | np.ndarray, *,
-                 restart: bool = False, fsync: bool = True):
+                 restart: bool = False, fsync: bool = True, attrs: dict[str, Any] | None = None):
         self.path = Path(path)
         if self.path.name.endswith(".partial"):
             raise ValueError(f"{self.path}: pass the final file name; the writer adds '.partial' itself")
+        clash = sorted(set(attrs or {}) & set(_REQUIRED_ATTRS))
+        if clash:
+            raise ValueError(f"extra attributes may not replace the store's own: {', '.join(clash)}")
+        self.extra_attrs = dict(attrs or {})
         self.meta = meta
         self.ids = _check_ids(ids)  # (N,) object str
         self.rows = len(self.ids)
@@ -566,7 +580,8 @@ class FeatureWriter:
                      "versions": json.dumps(package_versions(), sort_keys=True),
                      "write_id": self._write_id,
                      # Fixed-size scalars, later overwritten in place by finalize().
-                     "complete": np.bool_(False), "committed_rows": np.int64(0)}
+                     "complete": np.bool_(False), "committed_rows": np.int64(0),
+                     **self.extra_attrs}
             for key, value in attrs.items():
                 f.attrs[key] = value
             names = ["vectors", "present"] + (["tokens", "mask"] if meta.has_tokens else [])
@@ -643,7 +658,7 @@ class FeatureWriter:
             self._save_progress()
         except OSError as err:
             self.next_row = start  # the counter on disk did not move; these rows can be written again
-            raise PipelineError(f"{self.partial}: writing rows {start}..{start + k - 1} failed ({err}); "
+            raise StoreIOError(f"{self.partial}: writing rows {start}..{start + k - 1} failed ({err}); "
                                 f"fix the disk problem (space, permissions) and re-run to resume") from None
         return self.next_row
 
@@ -669,7 +684,7 @@ class FeatureWriter:
                 _fsync_path(self.path.parent, directory=True)
             _unlink(self.progress)
         except OSError as err:
-            raise PipelineError(f"{self.partial}: finalizing failed ({err}); all rows are committed, "
+            raise StoreIOError(f"{self.partial}: finalizing failed ({err}); all rows are committed, "
                                 f"re-run to finalize again") from None
         finally:
             self._release_lock()
