@@ -41,6 +41,7 @@ class RankParams(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: int = Field(10, ge=1, le=100)
     lr: float | None = Field(None, gt=0, le=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
     tokens: bool = False
     seed: int = Field(0, ge=0)
     storage: Path | None = None
@@ -132,7 +133,7 @@ def run_rank(params: RankParams, data: Path) -> RankOutcome:
     if params.ranker == "nrms":
         from rankers.nrms import NRMSConfig
 
-        tuning = {"lr": params.lr} if params.lr is not None else {}
+        tuning = {k: v for k, v in (("lr", params.lr), ("dropout", params.dropout)) if v is not None}
         options = dict(fusion=params.fusion, device=params.device, progress=params.progress,
                        config=NRMSConfig(epochs=params.epochs, seed=params.seed, use_tokens=params.tokens, **tuning))
     elif params.ranker == "lightgbm":
@@ -246,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--epochs", type=int, default=10, help="maximum epochs for nrms (early stopping on validation)")
     p.add_argument("--lr", type=float, help="NRMS learning rate (default: NRMSConfig's)")
+    p.add_argument("--dropout", type=float, help="NRMS dropout rate in [0, 1) (default: NRMSConfig's)")
     p.add_argument("--tokens", action="store_true",
                    help="NRMS news encoders attend over the stores' token vectors (self-attention, then additive "
                    "attention) instead of projecting the pooled vectors; about 40x the cost of a step")

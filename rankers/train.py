@@ -20,6 +20,10 @@ Efficiency:
 - on CUDA the forward passes run under bf16 autocast.
 Validation AUC on `valid` after every epoch drives early stopping and picks the kept state;
 dev is never an argument of `fit`.
+Under `torchrun` (an initialised process group of N > 1 ranks, rankers.distributed) `fit`
+trains data-parallel: every rank builds the same epoch plan, takes its share of each global
+batch, and DistributedDataParallel averages the gradients so each step is the one-process
+step of the whole batch; rank 0 validates and broadcasts the metrics, so all ranks stop alike.
 Letters: S samples (clicks), B batch, H history, C candidates (1 + K), U distinct news of a
 batch, N catalogue news, M impressions, T candidate rows, L tokens, D width, d model width.
 """
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rankers import distributed
 from rankers.base import FitReport
 from rankers.data import Impressions, NewsFeatures
 from rankers.fusion import roles_of
@@ -395,6 +400,12 @@ class NRMSRanker:
         self.model = model.to(self.device)
         self.set_features(features)
         model, bank = self.model, self.bank
+        ctx = distributed.current()
+        if ctx.enabled:
+            distributed.check_same(distributed.digest(self.fusion, cfg, tokens, train.impression_ids, train.labels,
+                                                      valid.impression_ids), "the training setup")
+            torch.manual_seed(distributed.rank_seed(cfg.seed, ctx.rank))  # dropout differs across ranks
+        net = distributed.wrap(model, self.device)  # DDP over `model` when data-parallel
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         history, mask = train.histories(cfg.history)  # (M, H)
         lengths = mask.sum(axis=1)  # (M,)
@@ -412,21 +423,23 @@ class NRMSRanker:
             t0 = time.perf_counter()
             running, batches = torch.zeros((), device=self.device), 0
             bar = tqdm(plan, desc=f"{self.name} epoch {epoch}", unit="batch",
-                       disable=not self.progress, dynamic_ncols=True, leave=False)
+                       disable=not self.progress or not ctx.is_main, dynamic_ncols=True, leave=False)
             for idx in bar:
+                idx, share = distributed.micro_batch(idx, ctx)  # the whole batch and 1.0 in one process
                 imp = samples.impression[idx]
                 batch = batch_tensors(bank, history[imp], mask[imp], samples.candidates[idx])
                 with autocast(self.device):
-                    loss = train_loss(forward_batch(model, batch))
+                    loss = train_loss(forward_batch(net, batch))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                # DDP averages gradients over ranks: scaled so, they sum to the whole batch's mean loss's.
+                (loss * (share * ctx.world_size)).backward()
                 opt.step()
-                running += loss.detach()  # summed on the device: no host sync per step
+                running += loss.detach() * share  # summed on the device: no host sync per step
                 batches += 1
                 if batches % 20 == 0:
                     bar.set_postfix(loss=f"{float(running) / batches:.4f}", refresh=False)
             bar.close()
-            total = float(running)
+            total = float(distributed.all_reduce_sum(running))
             seconds = time.perf_counter() - t0
             train_seconds += seconds
             row = {"epoch": epoch, "loss": total / max(batches, 1), "samples": len(order), "train_seconds": seconds}
@@ -434,7 +447,8 @@ class NRMSRanker:
                 raise PipelineError(f"{self.name}: training diverged in epoch {epoch} (mean loss "
                                     f"{total / max(batches, 1)}); lower the learning rate (now {cfg.lr})")
             if _scorable(valid):
-                metrics = evaluate(valid.cand_offsets, valid.labels, self._score(valid))
+                metrics = evaluate(valid.cand_offsets, valid.labels, self._score(valid)) if ctx.is_main else None
+                metrics = distributed.broadcast_object(metrics)
                 row.update({f"valid_{k}": v for k, v in metrics.items()})
                 auc = float(metrics["auc"])
             else:
