@@ -70,8 +70,13 @@ def resolve_device(device: str) -> torch.device:
 
 def spec_slug(extractor) -> str:
     """`bert` + checkpoint as a file-name part: different checkpoints get different stores."""
-    checkpoint = Path(extractor.config.checkpoint).name or extractor.config.checkpoint
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{extractor.config.name}-{checkpoint}").strip("-")
+    return slug_of(extractor.config.name, extractor.config.checkpoint)
+
+
+def slug_of(name: str, checkpoint: str) -> str:
+    """The file-name part of extractor `name` with `checkpoint` (a local directory by its last part)."""
+    checkpoint = Path(checkpoint).name or checkpoint
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{name}-{checkpoint}").strip("-")
 
 
 def token_len(extractor) -> int:

@@ -91,6 +91,32 @@ def run_name(params: RankParams, dataset: str) -> str:
     return f"{dataset}__{params.ranker}" + (f"__{params.fusion}__{feats}" if uses_features else "")
 
 
+def existing_store(spec: str, catalogue, storage: Path | None, tokens: bool = False) -> dict | None:
+    """The complete frozen store of `spec` for this catalogue, found without building the
+    extractor (loading a real checkpoint takes seconds to minutes), else None.
+
+    Any complete store of that extractor and checkpoint over exactly these news serves,
+    whatever preprocessing options `flows.extract` was given (run.json records the store);
+    `tokens` asks for one that holds token vectors.
+    """
+    from extractors.registry import parse_spec
+    from extractors.run import slug_of
+    from storage.features import FeatureStore, store_path
+
+    name, checkpoint = parse_spec(spec)
+    path = store_path(subdir("features", storage), catalogue.name, slug_of(name, checkpoint), "frozen")
+    if not path.is_file():
+        return None
+    try:
+        with FeatureStore.open(path, expected_fingerprint=catalogue.fingerprint()) as store:
+            meta = store.meta
+            usable = (meta.extractor == name and meta.checkpoint == checkpoint and meta.mode == "frozen"
+                      and (meta.token_len is not None or not tokens) and np.array_equal(store.ids, catalogue.ids))
+    except PipelineError:
+        return None  # incomplete, corrupt or stale: extraction decides what to do with it
+    return {"store": str(path), "extractor": f"{name}:{checkpoint}"} if usable else None
+
+
 def run_rank(params: RankParams, data: Path) -> RankOutcome:
     """The plain function behind the flow: load, fit, evaluate, write."""
     from flows.extract import ExtractParams, run_extractor
@@ -115,12 +141,14 @@ def run_rank(params: RankParams, data: Path) -> RankOutcome:
                 + ", ".join({'text': 'bert', 'image': 'vit', 'blip': 'blip'}[r] for r in missing) + " to --features"
             )
         for role in needed:
-            extracted = run_extractor(
-                by_role[role],
-                ExtractParams(data=data, images=params.images, extractors=[by_role[role]], device=params.device,
-                              storage=params.storage, progress=params.progress),
-                data,
-            )
+            extracted = existing_store(by_role[role], catalogue, params.storage, tokens=params.tokens)
+            if extracted is None:
+                extracted = run_extractor(
+                    by_role[role],
+                    ExtractParams(data=data, images=params.images, extractors=[by_role[role]], device=params.device,
+                                  storage=params.storage, progress=params.progress),
+                    data,
+                )
             # Token vectors are read only for an NRMS that attends over them: LightGBM and the
             # pooled news encoder use the stored (pooled) vectors.
             features[role] = load_features(extracted["store"], catalogue, name=extracted["extractor"],

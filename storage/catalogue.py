@@ -47,6 +47,13 @@ class Catalogue:
         return self.image_dir / f"{news_id}.jpg" if news_id in self.images else None
 
     def fingerprint(self) -> str:
+        """sha256 over the text fields and the image names and sizes; computed once (the
+        catalogue is immutable), since every store lookup and run record asks for it."""
+        if "_fingerprint" not in self.__dict__:
+            object.__setattr__(self, "_fingerprint", self._digest())
+        return self.__dict__["_fingerprint"]
+
+    def _digest(self) -> str:
         digest = hashlib.sha256(b"mmnews-catalogue-v1\n")
         for row in zip(self.ids, self.category, self.subcategory, self.title, self.abstract):
             digest.update("\t".join(row).encode("utf-8") + b"\n")

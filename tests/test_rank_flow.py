@@ -102,3 +102,21 @@ def test_compare_cli_rejects_bad_options(tmp_path):
     done = subprocess.run([sys.executable, "-m", "flows.compare", "--rankers", "svm"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr and "--rankers" in done.stderr
+
+
+def test_a_complete_store_is_used_without_building_the_extractor(world, tmp_path, monkeypatch):
+    import extractors.registry
+
+    params = RankParams(data=world, ranker="lightgbm", fusion="text", features=["bert"], storage=tmp_path, progress=False)
+    first = run_rank(params, world)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the extractor was built although its store is complete")
+
+    monkeypatch.setattr(extractors.registry, "create", no_build)
+    again = run_rank(params, world)
+    assert again.dev_metrics == first.dev_metrics
+    # Asking NRMS for token vectors still finds the store: the flow extracts with tokens.
+    tokens = RankParams(data=world, ranker="nrms", fusion="text", features=["bert"], tokens=True, epochs=1,
+                        storage=tmp_path, progress=False)
+    assert run_rank(tokens, world).fit["epochs"] == 1
