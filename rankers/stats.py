@@ -49,6 +49,8 @@ HISTORY_BINS = (("0", 0, 0), ("1-4", 1, 4), ("5-19", 5, 19), ("20+", 20, None))
 """(name, lowest, highest or None) history lengths of each history slice."""
 
 COVER_SLICES = ("with cover", "without cover")
+MIN_INTERVAL_N = 20
+"""Slices with fewer scored impressions get point values only: no interval, no verdict."""
 
 RESAMPLE_BLOCK = 1 << 21
 """Drawn indices per block of resamples: about 16 MB each for indices and counts."""
@@ -260,7 +262,8 @@ def slice_metrics(
     Returns {slice: {run: {"n", "skipped", "metrics": {metric: {"value", "lo", "hi"}},
     "delta": {metric: {"diff", "lo", "hi", "p"}} or None for the reference}}}: "n" counts
     the slice's scored impressions, "skipped" those of the slice left without a click or a
-    non-click. An empty slice has n = 0 and NaN values.
+    non-click. An empty slice has n = 0 and NaN values; a slice of fewer than
+    MIN_INTERVAL_N impressions keeps its point values but has NaN intervals and p.
     """
     if reference not in runs:
         raise ValueError(f"reference run {reference!r} is not among the runs {sorted(runs)}")
@@ -302,12 +305,16 @@ def _slice_summary(
     values = {n: metric_matrix(per[n])[keep] for n in names}  # (M', 4) each
     columns = [values[n] for n in names] + [values[n] - values[reference] for n in others]
     r = interval(np.concatenate(columns, axis=1), n_boot, level, seed)  # K = 4 (R + R - 1)
+    n = int(np.count_nonzero(keep))
+    if 0 < n < MIN_INTERVAL_N:  # a percentile interval over a handful of impressions means nothing
+        nan = np.full_like(r.point, np.nan)
+        r = Interval(point=r.point, lo=nan, hi=nan, p=nan)
     k = len(METRICS)
     skipped = int(np.count_nonzero(mask & ~per[reference].valid))
     out = {}
     for i, name in enumerate(names):
         entry = {
-            "n": int(np.count_nonzero(keep)),
+            "n": n,
             "skipped": skipped,
             "metrics": {m: _value_entry(r, i * k + j) for j, m in enumerate(METRICS)},
             "delta": None,

@@ -73,6 +73,7 @@ TOP_KEYS = ("title", "created", "dataset", "reference", "runs", "paired")
 VALUE_KEYS = ("value", "lo", "hi")
 DELTA_KEYS = ("diff", "lo", "hi", "p")
 DASH = "—"
+FEW = "too few impressions for an interval"
 
 FILES = {
     "markdown": "report.md",
@@ -308,6 +309,9 @@ def _text(s: object, num: bool = False) -> Cell:
 def _value_cell(entry: Mapping | None) -> Cell:
     if entry is None or _num(entry.get("value")) is None:
         return Cell(DASH, DASH, True)
+    if _num(entry.get("lo")) is None:  # a slice too small for an interval
+        v = _fmt(entry["value"])
+        return Cell(f"{v} [{FEW}]", f'{v}<span class="ci">{FEW}</span>', True)
     v, lo, hi = _fmt(entry["value"]), _fmt(entry.get("lo")), _fmt(entry.get("hi"))
     return Cell(f"{v} [{lo}, {hi}]", f'{v}<span class="ci">{lo} – {hi}</span>', True)
 
@@ -315,6 +319,9 @@ def _value_cell(entry: Mapping | None) -> Cell:
 def _delta_cell(entry: Mapping | None) -> Cell:
     if entry is None or _num(entry.get("diff")) is None:
         return Cell(DASH, DASH, True)
+    if _num(entry.get("lo")) is None:
+        d = _fmt(entry["diff"], sign=True)
+        return Cell(f"{d} [{FEW}]", f'{d}<span class="ci">{FEW}</span>', True)
     d = _fmt(entry["diff"], sign=True)
     lo, hi = _fmt(entry.get("lo"), sign=True), _fmt(entry.get("hi"), sign=True)
     sig = _significance(entry)
@@ -624,7 +631,7 @@ CSS = """
 body { margin: 0; color: var(--fg); background: #fff; line-height: 1.5; font-size: 15px;
        font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue",
        "Noto Sans", "DejaVu Sans", Arial, sans-serif; }
-main { max-width: 1200px; margin: 0 auto; padding: 28px 28px 64px; }
+main { max-width: 1400px; margin: 0 auto; padding: 28px 28px 64px; }
 h1 { font-size: 1.85rem; line-height: 1.25; margin: 0 0 6px; }
 h2 { font-size: 1.3rem; margin: 34px 0 8px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
 h3 { font-size: 1.05rem; margin: 18px 0 6px; }
@@ -805,8 +812,8 @@ def _plot_deltas(report: Mapping):
             ys, xs, lo_err, hi_err = [], [], [], []
             for i, (_, deltas) in enumerate(groups):
                 e = (deltas.get(name) or {}).get(m)
-                if e is None or _num(e.get("diff")) is None:
-                    continue
+                if e is None or _num(e.get("diff")) is None or _num(e.get("lo")) is None:
+                    continue  # no estimate, or too few impressions for an interval
                 d, lo, hi = _num(e["diff"]), _num(e["lo"]), _num(e["hi"])
                 ys.append(i - 0.35 + step * (j + 0.5))
                 xs.append(d)
@@ -816,9 +823,15 @@ def _plot_deltas(report: Mapping):
                 ax.errorbar(xs, ys, xerr=[lo_err, hi_err], fmt="o", markersize=4, capsize=2.5,
                             color=colors[name], elinewidth=1.2, label=name)
         for i, (_, deltas) in enumerate(groups):
-            if not any(_num((d or {}).get(m, {}).get("diff")) is not None for d in deltas.values()):
-                ax.text(0, i, "no scored impressions", ha="center", va="center", fontsize=8,
-                        color="#8c959f", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+            entries = [(d or {}).get(m, {}) for d in deltas.values()]
+            if not any(_num(e.get("diff")) is not None for e in entries):
+                note = "no scored impressions"
+            elif not any(_num(e.get("lo")) is not None for e in entries):
+                note = "too few impressions for an interval"
+            else:
+                continue
+            ax.text(0, i, note, ha="center", va="center", fontsize=8,
+                    color="#8c959f", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
         ax.set_title(f"Δ {LABELS[m]}", fontsize=10)
         ax.grid(axis="x", color="#e6e9ec", linewidth=0.8)
         ax.set_axisbelow(True)

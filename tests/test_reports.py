@@ -201,6 +201,7 @@ def test_a_report_from_rankers_stats_is_written(tmp_path):
     runs = {"text": labels + rng.normal(0, 1, offsets[-1]),
             "text+image": labels + rng.normal(0, 0.5, offsets[-1])}
     history = np.full(120, 8)  # "history 0" stays empty: NaN values must become null
+    history[:5] = 25  # "history 20+" holds 5 impressions: values without an interval
     sl = slice_metrics(offsets, labels, runs, "text", history_lengths=history,
                        cand_items=rng.integers(0, 30, offsets[-1]),
                        has_cover=rng.random(30) < 0.5, n_boot=100)
@@ -217,6 +218,9 @@ def test_a_report_from_rankers_stats_is_written(tmp_path):
     assert "cost_plot" not in files  # no run has a training time
     assert headline(report)[1] == "help"
     json.loads(files["json"].read_text(), parse_constant=lambda c: pytest.fail(c))
+    markdown = files["markdown"].read_text()
+    small = next(line for line in markdown.splitlines() if line.startswith("| history 20+"))
+    assert "too few impressions for an interval" in small and "**" not in small  # no verdict either
 
 
 @pytest.mark.parametrize("breaks, message", [

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from rankers.metrics import evaluate, per_impression
 from rankers.stats import (
     METRICS,
+    MIN_INTERVAL_N,
     bootstrap_ci,
     compare_runs,
     history_slices,
@@ -74,9 +75,11 @@ def test_compare_runs_and_slices_of_a_run_with_itself_are_exactly_zero():
     for name, by_run in sliced.items():
         assert by_run["a"]["delta"] is None
         for m in METRICS:
-            if by_run["b"]["n"]:
+            if by_run["b"]["n"] >= MIN_INTERVAL_N:
                 assert by_run["b"]["delta"][m] == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "p": 1.0}, name
-            assert by_run["a"]["metrics"][m] == by_run["b"]["metrics"][m] or by_run["a"]["n"] == 0
+            elif by_run["b"]["n"]:
+                assert by_run["b"]["delta"][m]["diff"] == 0.0, name
+            assert by_run["a"]["metrics"][m]["value"] == by_run["b"]["metrics"][m]["value"] or by_run["a"]["n"] == 0
 
 
 @relaxed
@@ -240,6 +243,19 @@ def test_an_empty_slice_has_no_estimate():
     assert empty["n"] == 0
     assert math.isnan(empty["metrics"]["auc"]["value"]) and math.isnan(empty["delta"]["auc"]["lo"])
     assert out["history 5-19"]["better"]["n"] == out["all"]["better"]["n"]
+
+
+def test_a_tiny_slice_keeps_its_values_but_gets_no_interval():
+    offsets, labels, runs, items, history, cover = world(m=200)
+    history = np.full_like(history, 7)
+    history[:3] = 0  # three impressions without history
+    out = slice_metrics(offsets, labels, runs, "good", history_lengths=history, n_boot=50)
+    tiny = out["history 0"]["better"]
+    assert tiny["n"] == 3 < MIN_INTERVAL_N
+    assert np.isfinite(tiny["metrics"]["auc"]["value"]) and np.isfinite(tiny["delta"]["auc"]["diff"])
+    assert math.isnan(tiny["metrics"]["auc"]["lo"]) and math.isnan(tiny["delta"]["auc"]["hi"])
+    assert math.isnan(tiny["delta"]["auc"]["p"])
+    assert np.isfinite(out["history 5-19"]["better"]["delta"]["auc"]["lo"])
 
 
 def test_bad_arguments_are_refused_with_a_reason():
