@@ -30,6 +30,12 @@ global batch (and so the learning rate) unchanged and only splits its work.
 - A trainer that manages gradients itself (accumulation, gradient surgery) can skip `wrap`
   and call `all_reduce_gradients(params)` before its optimizer step instead: with the
   losses scaled by `share` (not `share * N`) their sum over ranks is the full batch's.
+  Gradients it keeps aside (one per task, for surgery) go through `all_reduce_sum_list`
+  BEFORE they are combined, so the combination sees the whole batch's task gradients. A
+  loss that is a mean over something else than the samples (the distinct news of a batch)
+  needs weights of its own to sum to the one-process loss (rankers.finetune does this).
+- Files: rank 0 writes, then `barrier()` before another rank may read them; `main_first()`
+  lets rank 0 create what the others then reuse (a tokenizer learned into a folder).
 - Collectives block until every rank arrives: every rank must call them in the same order
   with the same shapes. `check_same` turns a mismatched setup into an error instead of a hang.
 
@@ -45,7 +51,7 @@ import datetime
 import hashlib
 import inspect
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,9 +153,10 @@ def session(device: str | torch.device = "auto") -> Iterator[Context]:
     cleanup()
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """A torch seed of its own per (seed, rank), for what should differ across ranks (dropout)."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+def rank_seed(seed: int, rank: int, *more: int) -> int:
+    """A torch seed of its own per (seed, rank[, epoch, ...]), for what should differ across
+    ranks (dropout)."""
+    return int(np.random.SeedSequence([seed, rank, *more]).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,25 +238,85 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_sum_list(tensors: Sequence[torch.Tensor | None],
+                        like: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Sums over ranks of `tensors` (gradients), entry by entry; `like[i]` gives the shape,
+    dtype and device of entry i where a rank holds None.
+
+    An entry that is None on EVERY rank stays None (an optimizer skips such a parameter, as
+    it would in one process); one that is None on some ranks only counts as zeros there.
+    The sums travel in flat buckets (one all-reduce per bucket, not per tensor) and are
+    written back into the given tensors where there are any. Every rank must pass lists of
+    the same length with the same shapes."""
+    ctx = current()
+    if not ctx.enabled:
+        return list(tensors)
+    if len(tensors) != len(like):
+        raise ValueError(f"{len(tensors)} tensors but {len(like)} templates")
+    if not tensors:
+        return []
+    held = torch.tensor([t is not None for t in tensors], dtype=torch.int32, device=like[0].device)
+    dist.all_reduce(held, op=dist.ReduceOp.SUM)
+    held = held.tolist()
+    out = [t if t is not None else (torch.zeros_like(like[i]) if held[i] else None) for i, t in enumerate(tensors)]
+    _sum_in_buckets([t for t in out if t is not None])
+    return out
+
+
+def _sum_in_buckets(tensors: list[torch.Tensor], cap_bytes: int = 64 * 2**20) -> None:
+    """All-reduce (sum) `tensors` in place, concatenated per (device, dtype) into buckets of
+    at most `cap_bytes` (a tensor larger than that travels alone)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    buckets: list[list[torch.Tensor]] = []
+    for group in groups.values():
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for t in group:
+            nbytes = t.numel() * t.element_size()
+            if bucket and size + nbytes > cap_bytes:
+                buckets.append(bucket)
+                bucket, size = [], 0
+            bucket.append(t)
+            size += nbytes
+        if bucket:
+            buckets.append(bucket)
+    flats = [torch.cat([t.reshape(-1) for t in bucket]) for bucket in buckets]
+    works = [dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True) for flat in flats]
+    for work, flat, bucket in zip(works, flats, buckets):
+        work.wait()
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def all_reduce_gradients(params: Iterable[nn.Parameter], mean: bool = False) -> None:
     """Sum (or average) the gradients of `params` over ranks, for trainers without `wrap`.
 
-    Every rank must pass the same parameters with a gradient; a parameter without one gets
-    a zero gradient first (an optimizer then treats it as a zero step, not a skipped one)."""
+    Every rank must pass the same parameters. A parameter without a gradient on any rank
+    keeps none (the optimizer skips it, as in one process); one with a gradient on some
+    ranks only gets zeros on the others (`all_reduce_sum_list`)."""
     ctx = current()
     if not ctx.enabled:
         return
-    grads = []
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    works = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
-    for work in works:
-        work.wait()
-    if mean:
-        for g in grads:
+    params = list(params)
+    for p, g in zip(params, all_reduce_sum_list([p.grad for p in params], params)):
+        if g is not None and mean:
             g.div_(ctx.world_size)
+        p.grad = g
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Rank `src`'s parameters and buffers into `module` on every rank (in place), so ranks
+    that built the same model start from the same weights even where initialisation drew
+    from an unseeded generator (weights a pre-trained checkpoint lacks)."""
+    if not current().enabled:
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=src)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -263,6 +330,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def barrier() -> None:
     if current().enabled:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first; the others run it once rank 0 has finished it (e.g. rank
+    0 learns a tokenizer into a folder, the others then read it instead of racing to write)."""
+    ctx = current()
+    if ctx.enabled and not ctx.is_main:
+        dist.barrier()
+    yield
+    if ctx.enabled and ctx.is_main:
         dist.barrier()
 
 

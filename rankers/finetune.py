@@ -21,6 +21,16 @@ A checkpoint is written after every epoch (rankers.checkpoint); `fit(checkpoint_
 resumes a killed run from the last one. `export_features` writes the fine-tuned extractor's
 vectors into an HDF5 store of mode `finetuned`, which LightGBM and the report read like a
 frozen store.
+Under `torchrun` (an initialised process group of N > 1 ranks, rankers.distributed) every
+rank calls `fit` alike and it trains data-parallel: every rank builds the same epoch plan and
+takes its share of each micro-batch; the losses are weighted so that their sum over ranks is
+the one-process loss of the whole micro-batch (the auxiliary ones too: each distinct news is
+counted once, by the lowest rank that encodes it), and before each optimizer step the
+gradients are summed over ranks, each task's apart before the surgery combines them. So a
+step is the one-process step; with dropout 0 the N-process model equals the one-process
+model up to float summation order (tests/test_finetune_ddp.py). Rank 0 validates and
+broadcasts the metrics and writes the checkpoints (the others wait for each); every rank
+resumes from the same checkpoint. `save` and `export_features` write on rank 0 only.
 Letters: N catalogue news, U distinct news of a batch, B impressions, H history, C candidates,
 L tokens, P patches, D extractor width, d model width.
 """
@@ -41,6 +51,7 @@ import torch
 from torch import nn
 
 from rankers import checkpoint as ckpt
+from rankers import distributed
 from rankers.base import FitReport
 from rankers.data import Impressions, NewsFeatures
 from rankers.fusion import roles_of
@@ -50,7 +61,7 @@ from rankers.nrms import NRMSConfig
 from rankers.plmnr import FineTuneNRMS, RawNewsBank, enable_gradient_checkpointing, freeze_lowest, token_statistics
 from rankers.surgery import combine
 from rankers.train import (
-    _scorable, autocast, batch_tensors, build_samples, resolve_device, score_impressions, train_loss,
+    Batch, Samples, _scorable, autocast, batch_tensors, build_samples, resolve_device, score_impressions, train_loss,
 )
 from storage.catalogue import Catalogue
 from storage.errors import PipelineError
@@ -170,7 +181,13 @@ class FineTuneRanker:
 
     `FineTuneRanker(catalogue, config, device)`; `fit(train, valid)` (stored features are
     not used: the model reads the catalogue's titles and cards); `score(impressions)`;
-    `save(folder)`; `FineTuneRanker.load(folder, catalogue)`; `export_features(dir)`."""
+    `save(folder)`; `FineTuneRanker.load(folder, catalogue)`; `export_features(dir)`.
+
+    Under torchrun every rank calls `fit` (with the same arguments; `after_epoch` runs on
+    every rank, once rank 0's checkpoint of the epoch is written). `score` works on any rank
+    (all hold the fitted model) and makes no collective call; `save` and `export_features`
+    write on rank 0 only and return the same paths everywhere, so they may be called on rank
+    0 alone or on every rank (then `distributed.barrier()` before another rank reads them)."""
 
     def __init__(self, catalogue: Catalogue, config: FineTuneConfig | None = None, device: str = "auto",
                  progress: bool = True, image_workers: int = 0):
@@ -256,7 +273,10 @@ class FineTuneRanker:
         """Train on `train`, choose the epoch on `valid`. Stored `features` are ignored (the
         extractors read raw news). With `checkpoint_dir`, every epoch is checkpointed there
         and a run over the same settings and data resumes from the last checkpoint.
-        `after_epoch(epoch, report)` runs after each epoch's checkpoint."""
+        `after_epoch(epoch, report)` runs after each epoch's checkpoint.
+        Under torchrun every rank calls `fit` with the same splits, config and checkpoint
+        folder (checked: a difference raises on every rank instead of hanging); rank 0 alone
+        validates and writes the checkpoints, and every rank ends with the chosen weights."""
         cfg, rc = self.config, self.config.ranker
         if not train.labeled:
             raise PipelineError(f"split {train.name!r} is unlabeled; a ranker trains on labeled impressions")
@@ -267,7 +287,9 @@ class FineTuneRanker:
         started = time.perf_counter()
         self._train_impressions = len(train)
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self._build(checkpoint_dir)
+        ctx = distributed.current()
+        with distributed.main_first():  # bert:tiny learns its tokenizer into checkpoint_dir once; others read it
+            self._build(checkpoint_dir)
         model, bank = self.model, self.bank
         train_rows = np.concatenate([train.hist_items, train.cand_items])
         standardize = cfg.standardize if cfg.standardize is not None else not cfg.train_encoder
@@ -277,8 +299,16 @@ class FineTuneRanker:
         opt = self._optimizer()
         state, best_state = _Progress(), None
         identity = self._identity(train)
+        if ctx.enabled:  # ranks that differ in any of these would wait for each other in different calls
+            setup = (json.dumps(identity, sort_keys=True), rc.epochs, checkpoint_dir is not None)
+            distributed.check_same(distributed.digest(*setup, valid.impression_ids, valid.labels),
+                                   "the fine-tuning setup")
+            distributed.broadcast_module(model)  # rank 0's weights, whatever a pre-trained load left unseeded
         self.resumed_from = 0
-        if checkpoint_dir is not None and (found := ckpt.latest(checkpoint_dir)) is not None:
+        found = None
+        if checkpoint_dir is not None:  # rank 0 clears torn checkpoints; every rank reads the same one
+            found = distributed.broadcast_object(ckpt.latest(checkpoint_dir) if ctx.is_main else None)
+        if found is not None:
             state, best_state = self._resume(ckpt.read(found, self.device), identity, opt)
         history, mask = train.histories(rc.history)  # (M, H)
         report = FitReport()
@@ -287,7 +317,10 @@ class FineTuneRanker:
                 break
             row = self._train_epoch(epoch, train, history, mask, opt, state)
             if _scorable(valid):
-                metrics = evaluate(valid.cand_offsets, valid.labels, score_impressions(model, bank, valid))
+                metrics = None
+                if ctx.is_main:
+                    metrics = evaluate(valid.cand_offsets, valid.labels, score_impressions(model, bank, valid))
+                metrics = distributed.broadcast_object(metrics)  # every rank chooses and stops alike
                 row.update({f"valid_{k}": v for k, v in metrics.items()})
                 auc = float(metrics["auc"])
             else:
@@ -303,9 +336,11 @@ class FineTuneRanker:
                 state.stopped = state.stale >= rc.patience
             self._fill(report, state, started)
             if checkpoint_dir is not None:
-                meta = {"run": identity, "progress": asdict(state)}
-                ckpt.write(checkpoint_dir, epoch, meta, model.state_dict(), opt.state_dict(),
-                           ckpt.rng_state(self.device), None if state.best_epoch == epoch else best_state)
+                if ctx.is_main:
+                    meta = {"run": identity, "progress": asdict(state)}
+                    ckpt.write(checkpoint_dir, epoch, meta, model.state_dict(), opt.state_dict(),
+                               ckpt.rng_state(self.device), None if state.best_epoch == epoch else best_state)
+                distributed.barrier()  # no rank goes on before the checkpoint it would resume from exists
             if after_epoch is not None:
                 after_epoch(epoch, report)
         if best_state is not None:
@@ -319,34 +354,49 @@ class FineTuneRanker:
         from tqdm.auto import tqdm
 
         cfg, rc, model, bank = self.config, self.config.ranker, self.model, self.bank
+        ctx = distributed.current()
         rng = np.random.default_rng([rc.seed, epoch])
         samples = build_samples(train, rc.negatives, rng)
         order = rng.permutation(len(samples.impression))
+        shares = None
+        if ctx.enabled:
+            shares = _Shares(samples, history, mask, ctx, cfg.naive, self._aux_tokens())
+            # Dropout masks per rank and epoch: a resumed run draws what an uninterrupted one would.
+            torch.manual_seed(distributed.rank_seed(rc.seed, ctx.rank, epoch))
         model.train()
         t0 = time.perf_counter()
         starts = list(range(0, len(order), rc.batch_size))
         sums: dict[str, torch.Tensor] = {}  # loss sums stay on the device: no host sync per step
         surgery: Counter = Counter()
         bar = tqdm(total=len(starts), desc=f"{self.name} epoch {epoch}", unit="batch",
-                   disable=not self.progress, dynamic_ncols=True, leave=False)
+                   disable=not self.progress or not ctx.is_main, dynamic_ncols=True, leave=False)
         for g in range(0, len(starts), cfg.accumulate):
             group = starts[g:g + cfg.accumulate]
             acc = _Accumulator(self._shared_params())
             for s in group:
                 idx = order[s:s + rc.batch_size]
-                imp = samples.impression[idx]
-                batch = batch_tensors(bank, history[imp], mask[imp], samples.candidates[idx], dedup=not cfg.naive)
-                losses = self._losses(batch)
+                if shares is None:
+                    imp = samples.impression[idx]
+                    batch = batch_tensors(bank, history[imp], mask[imp], samples.candidates[idx], dedup=not cfg.naive)
+                    losses = self._losses(batch)
+                else:
+                    batch, share = shares.of(idx, bank)
+                    losses = self._losses(batch, share)
                 acc.backward(losses, 1.0 / len(group), cfg.mtrec)
                 for k, v in losses.items():
                     sums[k] = sums[k] + v.detach() if k in sums else v.detach()
                 bar.update(1)
+            if ctx.enabled:
+                acc.all_reduce([p for g in opt.param_groups for p in g["params"]])
             step = acc.finish()
             if step is not None:
                 surgery.update(steps=1, projected=int(step.projected), cosine=step.cosine)
             self._step(opt, state.step)
             state.step += 1
         bar.close()
+        if ctx.enabled and sums:  # each rank's sums hold its weighted shares of every micro-batch's losses
+            keys = sorted(sums)
+            sums = dict(zip(keys, distributed.all_reduce_sum(torch.stack([sums[k] for k in keys]))))
         seconds = time.perf_counter() - t0
         state.train_seconds += seconds
         n = max(len(starts), 1)
@@ -391,15 +441,27 @@ class FineTuneRanker:
             return []
         return [p for p in self.model.extractors["text"].parameters() if p.requires_grad]
 
-    def _losses(self, batch) -> dict[str, torch.Tensor]:
+    def _losses(self, batch: Batch, share: _Share | None = None) -> dict[str, torch.Tensor]:
+        """The batch's losses; with a data-parallel `share`, this rank's weighted parts of them."""
         model = self.model
         with autocast(self.device):
             if model.aux is None:
-                return {"main": train_loss(model(batch.inputs, batch.history, batch.history_mask, batch.candidates))}
-            scores, text = model(batch.inputs, batch.history, batch.history_mask, batch.candidates, return_text=True)
-            rows = batch.inputs.rows
-            category, tags = (t[rows].to(self.device) for t in self._aux_targets)
-            return {"main": train_loss(scores), **model.aux.losses(text, category, tags)}
+                losses = {"main": train_loss(model(batch.inputs, batch.history, batch.history_mask, batch.candidates))}
+            else:
+                scores, text = model(batch.inputs, batch.history, batch.history_mask, batch.candidates,
+                                     return_text=True)
+                category, tags = (t[batch.inputs.rows] for t in self._aux_targets)
+                if share is not None:
+                    category, tags = share.owned_targets(category, tags)
+                losses = {"main": train_loss(scores),
+                          **model.aux.losses(text, category.to(self.device), tags.to(self.device))}
+        return losses if share is None else share.weigh(losses)
+
+    def _aux_tokens(self) -> np.ndarray | None:
+        """(N,) the NER-scored tokens of every catalogue news; None without auxiliary tasks."""
+        if self._aux_targets is None:
+            return None
+        return (self._aux_targets[1] != IGNORE).sum(1).numpy()
 
     def _step(self, opt: torch.optim.Optimizer, step: int) -> None:
         cfg = self.config
@@ -428,13 +490,14 @@ class FineTuneRanker:
         if self.model is None:
             raise PipelineError("nothing to save: the ranker is not fitted")
         folder = Path(folder)
+        files = [folder / MODEL_FILE, folder / CONFIG_FILE] + ([folder / TOKENIZER_DIR] if "text" in self.roles else [])
+        if not distributed.is_main():  # data-parallel: rank 0 writes; every rank may call this
+            return files
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
         save_file(state, str(folder / MODEL_FILE), metadata={"format": FORMAT})
-        files = [folder / MODEL_FILE, folder / CONFIG_FILE]
         if "text" in self.model.extractors:
             self.model.extractors["text"].tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
-            files.append(folder / TOKENIZER_DIR)
         meta = {"format": FORMAT, "ranker": "nrms-finetune", "fusion": self.fusion, "config": self.config.to_dict(),
                 "categories": self.categories, "catalogue": self.catalogue.fingerprint()}
         (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -477,6 +540,9 @@ class FineTuneRanker:
         out = {}
         for role in roles or self.roles:
             ext = self.model.extractors[role]
+            if not distributed.is_main():  # data-parallel: rank 0 writes; every rank may call this
+                out[role] = store_path(features_dir, self.catalogue.name, name or spec_slug(ext), "finetuned")
+                continue
             base = store_meta(ext, self.catalogue, tokens, dtype, mode="finetuned")
             record = {"weights_sha256": _weights_digest(ext), "fusion": self.fusion, "config": self.config.to_dict()}
             meta = dataclasses.replace(base, preprocess={**base.preprocess, "finetune": record})
@@ -568,3 +634,85 @@ class _Accumulator:
         for p, g in zip(self.shared, grads):
             p.grad = g
         return step
+
+    def all_reduce(self, params: list[nn.Parameter]) -> None:
+        """Data-parallel: sum this step's gradients over ranks before `finish`, the shared
+        parameters' per-task gradients apart, so the surgery sees the whole batch's task
+        gradients as one process does (the projection is not linear: projecting per rank
+        and summing would differ)."""
+        n = len(self.shared)
+        grads = distributed.all_reduce_sum_list([*self.main, *self.aux, *(p.grad for p in params)],
+                                                [*self.shared, *self.shared, *params])
+        self.main, self.aux = grads[:n], grads[n:2 * n]
+        for p, g in zip(params, grads[2 * n:]):
+            p.grad = g
+
+
+@dataclass(frozen=True)
+class _Share:
+    """A rank's weights for its part of one micro-batch, chosen so that the weighted losses of
+    all ranks sum to the one-process losses of the whole micro-batch.
+
+    The main loss is a mean over samples: weight len(part) / len(batch). The auxiliary losses
+    are means over the batch's news (category) and over their scored tokens (NER): each news
+    is owned by one rank (the lowest that encodes it; every slot in naive mode), its targets
+    are ignored elsewhere, and each rank's mean over its owned news is weighted by its
+    fraction of the batch's news (tokens)."""
+
+    main: float
+    owned: np.ndarray | None = None  # (U,) bool over the rank's batch news; None without auxiliary tasks
+    category: float = 0.0
+    ner: float = 0.0
+
+    def owned_targets(self, category: torch.Tensor, tags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Category ids (U,) and tags (U, L) with the news this rank does not own ignored."""
+        if not self.owned.any():  # weight 0: a finite loss that adds nothing (a mean over nothing is NaN)
+            return category, tags
+        keep = torch.from_numpy(self.owned)
+        ignored = torch.tensor(IGNORE, dtype=category.dtype)
+        return torch.where(keep, category, ignored), torch.where(keep[:, None], tags, ignored)
+
+    def weigh(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weights = {"main": self.main, "category": self.category, "ner": self.ner}
+        return {k: v * weights[k] for k, v in losses.items()}
+
+
+class _Shares:
+    """Every rank's part of the epoch's micro-batches (rankers.distributed.micro_batch) and
+    the weights of its losses (`_Share`). Every rank computes all parts from the same plan,
+    which tells it which news of its batch lower ranks already encode."""
+
+    def __init__(self, samples: Samples, history: np.ndarray, mask: np.ndarray, ctx: distributed.Context, naive: bool,
+                 tokens: np.ndarray | None):
+        self.samples, self.history, self.mask, self.ctx = samples, history, mask, ctx
+        self.naive, self.tokens = naive, tokens
+
+    def _news(self, rows: np.ndarray, width: int) -> np.ndarray:
+        """The news rows that batch_tensors encodes for these samples (every slot when naive)."""
+        imp = self.samples.impression[rows]
+        slots = np.concatenate([self.history[imp, :width].ravel(), self.samples.candidates[rows].ravel()])
+        return slots if self.naive else np.unique(slots)
+
+    def of(self, idx: np.ndarray, bank: RawNewsBank) -> tuple[Batch, _Share]:
+        """This rank's batch of the micro-batch `idx` (sample indices) and its weights."""
+        ctx, imp = self.ctx, self.samples.impression
+        # The whole micro-batch's history width, so that the parts' slots are exactly its slots
+        # (the padding news too, which the auxiliary losses of one process count).
+        width = max(int(self.mask[imp[idx]].sum(axis=1).max(initial=0)), 1)
+        part, fraction = distributed.micro_batch(idx, ctx)
+        batch = batch_tensors(bank, self.history[imp[part]], self.mask[imp[part]], self.samples.candidates[part],
+                              dedup=not self.naive, width=width)
+        if self.tokens is None:
+            return batch, _Share(fraction)
+        news = [self._news(distributed.shard(idx, r, ctx.world_size), width) for r in range(ctx.world_size)]
+        whole = np.concatenate(news) if self.naive else np.unique(np.concatenate(news))
+        if fraction == 0:
+            owned = np.zeros(batch.distinct, bool)
+        elif self.naive:
+            owned = np.ones(batch.distinct, bool)
+        else:
+            owned = ~np.isin(news[ctx.rank], np.concatenate([np.empty(0, np.int64), *news[:ctx.rank]]))
+        scored = int(self.tokens[whole].sum())
+        mine = int(self.tokens[batch.inputs.rows.numpy()[owned]].sum())
+        return batch, _Share(fraction, owned, category=int(owned.sum()) / len(whole),
+                             ner=mine / scored if scored else 0.0)
