@@ -6,6 +6,9 @@ UV := $(shell command -v uv 2>/dev/null || echo $(CURDIR)/.tools/bin/uv)
 export UV_PYTHON_DOWNLOADS ?= never
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
+# Idle OpenMP threads sleep instead of spinning: on shared 2-core machines spinning torch
+# threads made a ranker epoch 8x slower (rankers/train.py, cpu_threads).
+export OMP_WAIT_POLICY ?= PASSIVE
 VENV_PY := $(CURDIR)/.venv/bin/python
 
 .PHONY: demo test sync bench clean
@@ -22,7 +25,7 @@ WORLD := storage/data/synthetic-small-seed0
 demo: sync
 	$(VENV_PY) -m storage.synthetic --scale small --seed 0 --out $(WORLD)
 	$(VENV_PY) -m storage.mind validate $(WORLD)
-	$(VENV_PY) -m flows.extract --data $(WORLD)
+	$(VENV_PY) -m flows.compare --data $(WORLD) --name demo
 
 test: sync
 	$(VENV_PY) -m pytest

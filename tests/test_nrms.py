@@ -341,3 +341,14 @@ def test_length_batches_cover_every_sample_once_with_similar_lengths():
     assert spread < shuffled_spread / 3  # padded to the batch's longest history: far less padding
     again = length_batches(order, lengths, batch_size=16, rng=np.random.default_rng(1), pool=8)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+
+
+def test_cpu_threads_limits_and_restores_torch_threads():
+    from rankers.train import cpu_threads
+
+    before = torch.get_num_threads()
+    with cpu_threads(torch.device("cpu"), 1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with cpu_threads(torch.device("cpu"), None):
+        assert torch.get_num_threads() == before
