@@ -37,6 +37,7 @@ class ExtractParams(BaseModel):
 
     data: Path | None = None
     images: Path | None = None
+    titles: Path | None = None
     extractors: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTRACTORS), min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(64, ge=1, le=8192)
@@ -88,6 +89,8 @@ def preflight(params: ExtractParams) -> None:
         reach_scheduler(params.scheduler)
     if params.images is not None and not params.images.is_dir():
         raise PipelineError(f"image folder {params.images} does not exist; pass --images with the IM-MIND folder")
+    if params.titles is not None and not params.titles.is_file():
+        raise PipelineError(f"titles file {params.titles} does not exist; pass --titles with a news_id<TAB>title file")
     for spec in params.extractors:
         ensure_available(*parse_spec(spec))
     if params.device == "cuda":
@@ -124,7 +127,7 @@ def _build(spec: str, params: ExtractParams, data: Path):
     from extractors.registry import create
     from storage.catalogue import load_catalogue
 
-    catalogue = load_catalogue(data, params.images)
+    catalogue = load_catalogue(data, params.images, titles=params.titles)
     features = subdir("features", params.storage)
     workdir = features / f"{catalogue.name}__tokenizer-{catalogue.fingerprint()[:12]}"
     extractor = create(
@@ -185,7 +188,7 @@ def merge_extractor(plan, params: ExtractParams, data: Path, shard_rows: list[di
     from extractors.run import merge_sharded
     from storage.catalogue import load_catalogue
 
-    catalogue = load_catalogue(data, params.images)
+    catalogue = load_catalogue(data, params.images, titles=params.titles)
     result = merge_sharded(plan, catalogue)
     row = _row(result, modality)
     computed = sum(r["rows"] - r["resumed_from"] for r in shard_rows if not r["cached"])
@@ -417,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", type=Path, help="MIND folder with train/ dev/ test/ (default: the synthetic world)")
     p.add_argument("--images", type=Path, help="IM-MIND folder of <news_id>.jpg (default: DATA/images)")
+    p.add_argument("--titles", type=Path, metavar="FILE",
+                   help="news_id<TAB>title lines that replace those news' titles (GENRE's enhanced titles); the "
+                   "stores are named after the dataset plus -enhanced-<hash>, beside the original titles' stores")
     p.add_argument(
         "--extractor", action="append", dest="extractors", metavar="NAME[:CHECKPOINT]",
         help="bert, vit or blip; CHECKPOINT is tiny (default), a Hugging Face/timm name in the local cache, or a "

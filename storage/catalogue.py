@@ -4,20 +4,27 @@ MIND repeats a news item in every split whose behaviors mention it; extraction e
 news once, so feature stores are keyed by this catalogue (rows sorted by news id) and
 fingerprinted by it. The fingerprint covers the text fields and the image files' names and
 sizes, so a store made before the data changed is recognised as stale.
+
+A titles file (GENRE's "enhanced titles", `load_catalogue(..., titles=FILE)` or
+`with_titles`) replaces the titles the extractors and fine-tuning read. The catalogue then
+has another fingerprint and another name, `<dataset>-enhanced-<8 hex of the titles>`, so its
+feature stores and runs sit beside the original's instead of replacing them.
 Letters: N news.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from storage.errors import PipelineError
-from storage.mind import News, read_news
+from storage.mind import News, read_news, read_titles
 
 SPLITS = ("train", "dev", "test")
 
@@ -38,6 +45,9 @@ class Catalogue:
     image_dir: Path | None
     images: frozenset[str]  # ids with a file `<image_dir>/<id>.jpg`
     image_sizes: tuple[tuple[str, int], ...]  # (file name, bytes), sorted, for the fingerprint
+    titles_file: Path | None = None  # the enhanced titles that replaced the originals, if any
+    titles_digest: str = ""  # sha256 of those titles (ids and texts)
+    enhanced: int = 0  # news whose title the file replaced
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -57,15 +67,39 @@ class Catalogue:
         digest = hashlib.sha256(b"mmnews-catalogue-v1\n")
         for row in zip(self.ids, self.category, self.subcategory, self.title, self.abstract):
             digest.update("\t".join(row).encode("utf-8") + b"\n")
+        if self.titles_file is not None:  # even a file that changes no title makes another catalogue
+            digest.update(f"enhanced titles\t{self.titles_digest}\n".encode())
         digest.update(b"images\n")
         for name, size in self.image_sizes:
             digest.update(f"{name}\t{size}\n".encode())
         return digest.hexdigest()
 
 
-def load_catalogue(data_dir: str | Path, image_dir: str | Path | None = None, name: str | None = None) -> Catalogue:
+def with_titles(catalogue: Catalogue, titles: Mapping[str, str], source: str | Path) -> Catalogue:
+    """The catalogue with the titles of `titles` (news id -> title, e.g. from
+    storage.mind.read_titles) in place of the originals; `source` is the file they came from."""
+    unknown = [n for n in titles if n not in catalogue.index]
+    if unknown:
+        raise PipelineError(f"{source}: {len(unknown)} news ids are not in {catalogue.name}: "
+                            f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
+    if catalogue.titles_file is not None:
+        raise PipelineError(f"{catalogue.name} already has enhanced titles from {catalogue.titles_file}; "
+                            "give one titles file")
+    title = catalogue.title.copy()
+    digest = hashlib.sha256(b"mmnews-titles-v1\n")
+    for news_id in sorted(titles):
+        title[catalogue.index[news_id]] = titles[news_id]
+        digest.update(f"{news_id}\t{titles[news_id]}\n".encode())
+    hexdigest = digest.hexdigest()
+    return dataclasses.replace(catalogue, name=f"{catalogue.name}-enhanced-{hexdigest[:8]}", title=title,
+                               titles_file=Path(source), titles_digest=hexdigest, enhanced=len(titles))
+
+
+def load_catalogue(data_dir: str | Path, image_dir: str | Path | None = None, name: str | None = None,
+                   titles: str | Path | None = None) -> Catalogue:
     """Read the news of every split folder under `data_dir` (train/, dev/, test/, or the folder
-    itself when it holds news.tsv). Images default to `<data_dir>/images` when it exists."""
+    itself when it holds news.tsv). Images default to `<data_dir>/images` when it exists.
+    `titles`: a `news_id<TAB>title` file whose titles replace the originals (see `with_titles`)."""
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise PipelineError(
@@ -96,7 +130,7 @@ def load_catalogue(data_dir: str | Path, image_dir: str | Path | None = None, na
             sizes = sorted((e.name, e.stat().st_size) for e in entries if e.name.endswith(".jpg") and e.is_file())
     known = set(rows)
     with_image = frozenset(n[: -len(".jpg")] for n, _ in sizes) & known
-    return Catalogue(
+    catalogue = Catalogue(
         name=name or root.name,
         root=root,
         ids=ids,
@@ -110,3 +144,6 @@ def load_catalogue(data_dir: str | Path, image_dir: str | Path | None = None, na
         images=with_image,
         image_sizes=tuple(sizes),
     )
+    if titles is None:
+        return catalogue
+    return with_titles(catalogue, read_titles(titles, known=catalogue.index), titles)

@@ -14,6 +14,7 @@ Formats (no header, tab-separated, UTF-8):
   history (space-separated news ids, may be empty), impressions (`N1-1 N2-0 ...`, or
   `N1 N2 ...` in an unlabeled split such as MIND-large test). A file is all labeled or all
   unlabeled; the first candidate of the first row decides which.
+- a titles file (`read_titles`, GENRE's enhanced titles), 2 columns: news_id, title.
 
 Validation is strict by default: the first malformed row raises `DataFormatError`
 (`path:line: what is wrong; what to do`). With `strict=False` bad rows are skipped, unknown
@@ -356,6 +357,61 @@ def _clean_news_rows(
             kept.append(row)
             kept_numbers.append(number)
     return kept, kept_numbers
+
+
+# ---------------------------------------------------------------- enhanced titles
+
+
+def read_titles(path: str | Path, known: Mapping[str, int] | None = None) -> dict[str, str]:
+    """A titles file (GENRE's "enhanced titles"): one `news_id<TAB>title` per line, UTF-8,
+    no header -> {news_id: title}. News it leaves out keep their original titles.
+
+    Strict: a malformed line raises `DataFormatError` (`path:line: ...`): a column count other
+    than 2, a bad news id, an empty title, a news id listed twice. With `known` (a dataset's
+    news id index), ids the dataset lacks are an error naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"titles file {path} does not exist; give a file of news_id<TAB>title lines, "
+                            "one per news whose title it replaces")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(path, data[: err.start].count(b"\n") + 1,
+                              "bytes that are not UTF-8; re-encode the titles file as UTF-8") from None
+    lines = text.removeprefix("\ufeff").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline
+    titles: dict[str, str] = {}
+    first: dict[str, int] = {}
+    unknown: list[tuple[int, str]] = []
+    for no, line in enumerate(lines, 1):
+        parts = line.removesuffix("\r").split("\t")
+        if len(parts) != 2:
+            found = "an empty line" if not line.strip() else f"{len(parts)} columns"
+            raise DataFormatError(path, no, f"expected 2 tab-separated columns, news_id<TAB>title, found {found}")
+        news_id, title = parts
+        if not _valid_news_id(news_id):
+            raise DataFormatError(path, no, f"bad news id {news_id!r}: expected a non-empty id without spaces, "
+                                  "as in news.tsv")
+        if not title.strip():
+            raise DataFormatError(path, no, f"empty title for {news_id}; give it a title, or leave its line out "
+                                  "to keep the original")
+        if news_id in first:
+            raise DataFormatError(path, no, f"duplicate news id {news_id} (first at line {first[news_id]}); "
+                                  "give each news one title")
+        first[news_id] = no
+        if known is not None and news_id not in known:
+            unknown.append((no, news_id))
+        titles[news_id] = title
+    if unknown:
+        shown = ", ".join(n for _, n in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+        raise DataFormatError(path, unknown[0][0], f"news id {unknown[0][1]} is not in the dataset's news.tsv "
+                              f"({len(unknown)} unknown in all: {shown}); check that the titles file belongs to "
+                              "this dataset, or remove those lines")
+    if not titles:
+        raise PipelineError(f"{path}: no titles; expected news_id<TAB>title lines")
+    return titles
 
 
 # ---------------------------------------------------------------- behaviors.tsv
