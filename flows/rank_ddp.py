@@ -1,5 +1,8 @@
 """`torchrun --nproc-per-node N -m flows.rank_ddp [flows.rank options]`: NRMS, data-parallel.
 
+Frozen NRMS over stores, or with `--finetune` PLM-NR/MTRec fine-tuned end to end
+(rankers.finetune, data-parallel the same way; rank 0 checkpoints, exports and writes).
+
 The options and the output folder of `python -m flows.rank --ranker nrms`, trained by N
 processes under DistributedDataParallel (rankers.distributed; gloo on CPU, nccl with one GPU
 per process), without Prefect. Example, 2 CPU processes:
@@ -25,22 +28,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flows.common import default_world, validated
-from flows.rank import ROLE_OF_EXTRACTOR, RankParams, build_parser, format_outcome, roles_for, run_rank
+from flows.rank import CHECKPOINTS, RankParams, build_parser, format_outcome, role_specs, run_rank, run_name
 from rankers import distributed
 from storage.errors import PipelineError, run_cli
 
 
 def feature_specs(params: RankParams) -> dict[str, str]:
     """The extractor spec of every role the fusion needs (as run_rank chooses them)."""
-    by_role = {ROLE_OF_EXTRACTOR[f.split(":")[0].lower()]: f for f in params.features}
-    needed = roles_for(params.fusion)
-    missing = [r for r in needed if r not in by_role]
-    if missing:
-        raise PipelineError(
-            f"--fusion {params.fusion} needs features for {', '.join(missing)}; add "
-            + ", ".join({"text": "bert", "image": "vit", "blip": "blip"}[r] for r in missing) + " to --features"
-        )
-    return {role: by_role[role] for role in needed}
+    return role_specs(params)
 
 
 def prepare(params: RankParams) -> tuple[Path, dict[str, dict]]:
@@ -49,6 +44,8 @@ def prepare(params: RankParams) -> tuple[Path, dict[str, dict]]:
 
     data = params.data or default_world(params.scale, params.world_seed, params.storage)
     stores = {}
+    if params.finetune:
+        return data, stores  # fine-tuning reads titles and images, not stores
     for role, spec in feature_specs(params).items():
         extracted = run_extractor(spec, ExtractParams(data=data, images=params.images, extractors=[spec],
                                                       device=params.device, storage=params.storage,
@@ -66,12 +63,34 @@ def follow(params: RankParams, data: Path, stores: dict[str, dict]) -> None:
     from storage.catalogue import load_catalogue
 
     catalogue = load_catalogue(data, params.images)
+    if params.finetune:
+        _follow_finetune(params, data, catalogue)
+        return
     features = {role: load_features(s["path"], catalogue, name=s["extractor"], tokens=params.tokens)
                 for role, s in stores.items()}
     train, valid = carve_validation(load_impressions(data, "train", catalogue))
     tuning = {k: v for k, v in (("lr", params.lr), ("dropout", params.dropout)) if v is not None}
     config = NRMSConfig(epochs=params.epochs, seed=params.seed, use_tokens=params.tokens, **tuning)
     NRMSRanker(params.fusion, config, device=params.device, progress=False).fit(train, valid, features)
+
+
+def _follow_finetune(params: RankParams, data: Path, catalogue) -> None:
+    """On ranks > 0: the fit of a `--finetune` run (FineTuneRanker is data-parallel under
+    torchrun; rank 0 validates, checkpoints into the run folder, exports and writes)."""
+    from flows.common import subdir
+    from flows.rank import finetune_config
+    from rankers.data import carve_validation, load_impressions
+    from rankers.finetune import FineTuneRanker
+    from storage.catalogue import with_titles
+    from storage.mind import read_titles
+
+    if params.titles is not None:
+        catalogue = with_titles(catalogue, read_titles(params.titles, known=catalogue.index), params.titles)
+    train, valid = carve_validation(load_impressions(data, "train", catalogue))
+    folder = subdir("models", params.storage) / run_name(params, catalogue.name)
+    config = finetune_config(params, role_specs(params))
+    FineTuneRanker(catalogue, config, device=params.device, progress=False).fit(
+        train, valid, checkpoint_dir=folder / CHECKPOINTS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -85,12 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args["features"] is None:
         args.pop("features")
     params = validated(RankParams, args)
-    if params.ranker != "nrms":
+    if params.ranker != "nrms" and not params.finetune:
         raise PipelineError(f"--ranker {params.ranker}: flows.rank_ddp trains nrms only; "
                             "run the other rankers with python -m flows.rank")
     if params.data is not None and not params.data.is_dir():
         raise PipelineError(f"data folder {params.data} does not exist; pass --data with a MIND folder, or leave it out")
-    feature_specs(params)  # a missing role fails on every rank before any work
+    specs = feature_specs(params)  # a missing role fails on every rank before any work
+    if not params.finetune and (params.titles is not None or any(s.endswith("@finetuned") for s in specs.values())):
+        raise PipelineError("flows.rank_ddp trains frozen NRMS over the original titles' frozen stores only; run "
+                            "--titles or NAME@finetuned features with python -m flows.rank")
     with distributed.session(params.device) as ctx:
         prepared: tuple | str = ""
         if ctx.is_main:
