@@ -135,6 +135,8 @@ def test_entry_point_rejects_other_rankers():
         main(["--ranker", "lightgbm"])
     with pytest.raises(PipelineError, match="needs features for image; add vit"):
         main(["--fusion", "hadamard", "--features", "bert"])
+    with pytest.raises(PipelineError, match="frozen stores only"):
+        main(["--features", "bert@finetuned"])
 
 
 def run_bounded(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
