@@ -300,7 +300,7 @@ def summary_table(report: dict) -> str:
     share = any("oracle_share" in run for run in report["runs"])
     width = max([36] + [len(run["name"]) for run in report["runs"]])
     lines = [f"{'run':<{width}} {'AUC':>7} {'MRR':>7} {'nDCG@5':>7} {'nDCG@10':>7}" + (f" {'lift':>6}" if share else "")
-             + "  ΔAUC vs reference"]
+             + f"  ΔAUC vs {report['reference']} (unless noted), 95% CI"]
     for run in report["runs"]:
         m = run["metrics"]
         delta = report["paired"].get(run["name"], {}).get("auc")
