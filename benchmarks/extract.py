@@ -10,7 +10,22 @@ For each extractor (bert, vit, blip), in one process, on the same model and devi
   --naive-rows news only (the output says so), and its pooled vectors are compared with the
   pipeline's for those rows.
 The model runs once on a few news before either is timed, and every card is read once so
-both find the files in the page cache. Letters: N news, L tokens (or patches), D width.
+both find the files in the page cache. Letters: N news, B batch, L tokens (or patches), D width.
+
+`--host-path` measures the host's share alone, with no model: synthetic model outputs shaped
+like BERT-base's (32 x 768 token vectors, titles sorted by length inside a chunk and each batch
+cut to its longest) and ViT-B/16's (197 x 768, in order) go through the chunk buffers into a
+`FeatureWriter` store (fsync on, as extraction writes), by
+- old: the engine as it was (a copy kept here, `OldChunkBuffer`): float32 chunk buffers
+  allocated per chunk, `.float().cpu().numpy()` per batch, the float16 cast and the write in the
+  main thread;
+- new: `extractors.chunks.ChunkWriter` with float32 outputs on the CPU, i.e. the cast to float16
+  done by the CPU, as when the model runs there;
+- new, fp16 outputs: the same with outputs already in float16: the host's work when the model
+  runs on a GPU, where the cast runs on the device and the copy to pinned memory is a DMA;
+- write only: `FeatureWriter.write` of ready float16 chunks, one after the other: what the disk
+  allows, the ceiling of any host path on this machine.
+All four must store the same bytes (checked). Targets for one H100 are printed beside.
 
 Data: the synthetic world (`storage.synthetic.generate_world`, `--scale`, made once under
 benchmarks/.cache/), all its news or the first --rows of them. `--models base` builds
@@ -22,6 +37,7 @@ On CUDA with base models, the issue's targets for one H100 are printed beside th
 Usage: python benchmarks/extract.py [--models tiny|base] [--device auto|cpu|cuda] [--scale small]
        [--rows N] [--naive-rows N] [--repeats R] [--extractors bert,vit,blip] [--batch-size N]
        [--workers N] [--threads N] [--no-tokens] [--json PATH]
+       python benchmarks/extract.py --host-path [--rows N] [--repeats R] [--batch-size N] [--json PATH]
 Base models on a CPU default to --rows 128 --naive-rows 16: a base BLIP does under one news/s
 per core.
 From a checkout that is not installed into the environment (no `uv sync`), run it from the
@@ -33,13 +49,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +333,231 @@ def measure(name: str, args: argparse.Namespace, catalogue, dev: torch.device, w
                    n_naive, naive_seconds, diff)
 
 
+# ---------------------------------------------------------------- host path (no model)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostCase:
+    name: str
+    extractor: str  # whose H100 target applies
+    token_len: int
+    dim: int
+    rows: int
+    sorted_titles: bool  # the text path: lengths vary, sorted inside a chunk, batches cut to their longest
+
+
+HOST_CASES = (
+    HostCase("BERT-base tokens 32x768", "bert", 32, 768, 16_384, True),
+    HostCase("ViT-B/16 tokens 197x768", "vit", 197, 768, 8_192, False),
+)
+HOST_PATHS = ("old", "new", "new, fp16 outputs", "write only")
+HOST_CHUNK = 1024  # extract_catalogue's default chunk_rows
+
+
+class OldChunkBuffer:
+    """extractors/run.py's _ChunkBuffer before the host-path work, kept as the baseline."""
+
+    def __init__(self, writer, first: int, chunk_rows: int, token_len: int | None, dim: int):
+        self.writer, self.first, self.chunk_rows, self.token_len, self.dim = writer, first, chunk_rows, token_len, dim
+        self._start_chunk()
+
+    def _start_chunk(self) -> None:
+        self.start = self.first + self.writer.next_row
+        size = min(self.chunk_rows, self.writer.rows - self.writer.next_row)
+        self.filled = 0
+        self.vectors = np.zeros((size, self.dim), dtype=np.float32)  # (C, D)
+        self.present = np.zeros(size, dtype=bool)  # (C,)
+        if self.token_len is not None:
+            self.tokens = np.zeros((size, self.token_len, self.dim), dtype=np.float32)  # (C, L, D)
+            self.mask = np.zeros((size, self.token_len), dtype=bool)  # (C, L)
+
+    def add(self, rows: np.ndarray, encoded, present: np.ndarray) -> None:
+        at = rows - self.start  # (B,) positions inside the chunk
+        if at.min() < 0 or at.max() >= len(self.vectors):
+            raise RuntimeError(f"batch rows {rows.min()}..{rows.max()} fall outside the chunk starting at {self.start}")
+        self.vectors[at] = encoded.vectors.float().cpu().numpy()
+        self.present[at] = present
+        if self.token_len is not None:
+            tokens = encoded.tokens.float().cpu().numpy()  # (B, l, D)
+            keep = min(tokens.shape[1], self.token_len)
+            self.tokens[at, :keep] = tokens[:, :keep]
+            self.mask[at, :keep] = encoded.mask[:, :keep].cpu().numpy()
+        self.filled += len(rows)
+        if self.filled == len(self.vectors):
+            tokens = (self.tokens, self.mask) if self.token_len is not None else (None, None)
+            self.writer.write(self.vectors, self.present, tokens=tokens[0], mask=tokens[1])
+            if self.writer.next_row < self.writer.rows:
+                self._start_chunk()
+
+    def close(self) -> None:
+        if self.writer.next_row != self.writer.rows:
+            raise RuntimeError(f"extraction ended at row {self.writer.next_row} of {self.writer.rows}")
+
+
+def chunk_pattern(case: HostCase, batch: int, tokens: bool, seed: int = 0) -> list[tuple[np.ndarray, object]]:
+    """One chunk's batches as (positions in the chunk (B,), Encoded of float32 CPU tensors),
+    formed the way the engine forms them; every chunk of the run reuses them."""
+    from extractors.encoded import Encoded
+
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    if case.sorted_titles:
+        lengths = rng.integers(8, case.token_len + 1, size=HOST_CHUNK)  # tokens per title, [CLS] and [SEP] included
+        order = np.argsort(lengths, kind="stable")
+    else:
+        lengths, order = np.full(HOST_CHUNK, case.token_len), np.arange(HOST_CHUNK)
+    out = []
+    for b in range(0, HOST_CHUNK, batch):
+        local = order[b : b + batch]
+        if not case.sorted_titles and out and len(local) == len(out[-1][0]):
+            out.append((local, out[-1][1]))  # equal (B, 197, D) batches: one tensor serves them all
+            continue
+        width = int(lengths[local].max())
+        mask = torch.from_numpy(np.arange(width)[None] < lengths[local][:, None])  # (B, l)
+        out.append((local, Encoded(torch.randn(len(local), case.dim, generator=gen),  # (B, D)
+                                   torch.randn(len(local), width, case.dim, generator=gen) if tokens else None,
+                                   mask if tokens else None)))  # (B, l, D), (B, l)
+    return out
+
+
+def _as_fp16(pattern):
+    from extractors.encoded import Encoded
+
+    return [(local, Encoded(e.vectors.half(), None if e.tokens is None else e.tokens.half(), e.mask))
+            for local, e in pattern]
+
+
+def assembled_chunk(pattern, case: HostCase, tokens: bool) -> tuple:
+    """The float16 chunk (vectors, present, tokens, mask) the pattern's batches fill."""
+    vectors = np.zeros((HOST_CHUNK, case.dim), np.float16)  # (C, D)
+    token_arr = np.zeros((HOST_CHUNK, case.token_len, case.dim), np.float16) if tokens else None  # (C, L, D)
+    mask = np.zeros((HOST_CHUNK, case.token_len), bool) if tokens else None  # (C, L)
+    for local, encoded in pattern:
+        vectors[local] = encoded.vectors.numpy()
+        if tokens:
+            width = encoded.tokens.shape[1]
+            token_arr[local, :width] = encoded.tokens.numpy()
+            mask[local, :width] = encoded.mask.numpy()
+    return vectors, np.ones(HOST_CHUNK, bool), token_arr, mask
+
+
+def feed(pattern, rows: int) -> Iterator[tuple[np.ndarray, object, np.ndarray]]:
+    """(catalogue rows, Encoded, present) of every batch of a `rows`-row store."""
+    for start in range(0, rows, HOST_CHUNK):
+        for local, encoded in pattern:
+            yield start + local, encoded, np.ones(len(local), bool)
+
+
+def store_digest(path: Path) -> str:
+    from storage.features import FeatureStore
+
+    digest = hashlib.sha256()
+    with FeatureStore.open(path) as store:
+        for start in range(0, len(store), HOST_CHUNK):
+            rows = np.arange(start, min(start + HOST_CHUNK, len(store)))
+            digest.update(store.take(rows).tobytes())
+            if store.has_tokens:
+                for arr in store.take_tokens(rows):
+                    digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def host_run(case: HostCase, path_name: str, pattern, rows: int, tokens: bool, folder: Path) -> tuple[float, str, int]:
+    """Seconds from the first batch to the finalized store, the store's digest, and its bytes."""
+    from extractors.chunks import ChunkWriter
+    from storage.features import FeatureWriter, StoreMeta
+
+    meta = StoreMeta(extractor=case.extractor, checkpoint="synthetic", revision="", mode="frozen", preprocess={},
+                     fingerprint="sha256:host-path", dim=case.dim, dtype="float16",
+                     token_len=case.token_len if tokens else None)
+    path = folder / f"{case.extractor}-{path_name.replace(',', '').replace(' ', '-')}.h5"
+    writer = FeatureWriter(path, meta, [f"N{i}" for i in range(rows)])  # laid out before the clock starts
+    start = time.perf_counter()
+    if path_name == "write only":
+        for _ in range(0, rows, HOST_CHUNK):
+            writer.write(*pattern)
+    elif path_name == "old":
+        buffer = OldChunkBuffer(writer, 0, HOST_CHUNK, meta.token_len, meta.dim)
+        for batch in feed(pattern, rows):
+            buffer.add(*batch)
+        buffer.close()
+    else:
+        with ChunkWriter(writer, 0, HOST_CHUNK, torch.device("cpu")) as chunks:
+            for batch in feed(pattern, rows):
+                chunks.add(*batch)
+            chunks.close()
+    writer.finalize()
+    seconds = time.perf_counter() - start
+    size = path.stat().st_size
+    digest = store_digest(path)
+    path.unlink()
+    return seconds, digest, size
+
+
+def host_path_main(args: argparse.Namespace) -> int:
+    batch = args.batch_size or 256
+    if (args.rows or 0) % HOST_CHUNK or HOST_CHUNK % batch:
+        raise PipelineError(f"--host-path: --rows must be a multiple of {HOST_CHUNK} and --batch-size divide it")
+    torch.set_num_threads(args.threads or default_threads(torch.device("cpu")))
+    cache = args.cache
+    cache.mkdir(parents=True, exist_ok=True)
+    info = machine(torch.device("cpu"))
+    print(f"machine: {info['platform']}, {info['cpus']} CPUs ({info['cpu']}), Python {info['python']}, "
+          f"torch {info['torch']} ({info['torch_threads']} threads), load average {info['load_average_1min']:.2f}")
+    print(f"host path: synthetic model outputs -> chunk buffers -> FeatureWriter (float16 store, fsync on, "
+          f"{HOST_CHUNK}-row chunks, batch {batch}) in {cache}; no model; best of {args.repeats} run(s)")
+    print(flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="host-path-", dir=cache) as folder:
+        for case in HOST_CASES:
+            rows = args.rows or case.rows
+            pattern = chunk_pattern(case, batch, args.tokens)
+            patterns = {"old": pattern, "new": pattern, "new, fp16 outputs": _as_fp16(pattern),
+                        "write only": assembled_chunk(pattern, case, args.tokens)}
+            label = case.name if args.tokens else f"{case.name.split(' tokens')[0]} vectors only"
+            row = {"case": label, "extractor": case.extractor, "rows": rows, "batch": batch, "tokens": args.tokens}
+            runs: dict[str, list[float]] = {name: [] for name in HOST_PATHS}
+            digests = set()
+            # Round robin, so that load from elsewhere and the disk's writeback weigh on every path alike.
+            for _ in range(args.repeats):
+                for name in HOST_PATHS:
+                    seconds, digest, size = host_run(case, name, patterns[name], rows, args.tokens, Path(folder))
+                    runs[name].append(rows / seconds)
+                    digests.add(digest)
+                    row["store_mb"] = size / 1e6
+                    print(f"  {row['case']}: {name}: {rows / seconds:,.0f} rows/s", flush=True)
+            row.update({name: max(rates) for name, rates in runs.items()}, runs=runs, same_bytes=len(digests) == 1)
+            results.append(row)
+    print()
+    print(f"{'case':<24}  {'rows':>6}  {'old rows/s':>10}  {'new rows/s':>10}  {'speed-up':>8}  "
+          f"{'new, fp16 outputs':>17}  {'speed-up':>8}  {'write only':>10}  {'GB/s':>5}  {'same bytes':>10}  "
+          f"H100 target (GB/s of store writes it implies)")
+    for r in results:
+        gb_per_row = r["store_mb"] / 1e3 / r["rows"]
+        target = TARGETS[r["extractor"]][0]
+        print(f"{r['case']:<24}  {r['rows']:>6,}  {r['old']:>10,.0f}  {r['new']:>10,.0f}  {r['new'] / r['old']:>7.1f}x  "
+              f"{r['new, fp16 outputs']:>17,.0f}  {r['new, fp16 outputs'] / r['old']:>7.1f}x  "
+              f"{r['write only']:>10,.0f}  {r['write only'] * gb_per_row:>5.2f}  {'yes' if r['same_bytes'] else 'NO':>10}  "
+              f"{TARGETS[r['extractor']][1]} ({target * gb_per_row:.2f} GB/s)")
+    print()
+    print("rows/s over the whole run, from the first batch to the finalized store (fsync on); best of the runs.")
+    print("old: float32 chunk buffers per chunk, host float16 cast, write in the main thread (the engine before).")
+    print("new: extractors.chunks.ChunkWriter, float32 outputs cast to float16 on the CPU (the model on a CPU).")
+    print("new, fp16 outputs: the host's part when the model runs on a GPU (cast on the device, DMA to pinned")
+    print("  memory): float16 rows copied into a reused buffer, the write in a background thread.")
+    print("write only: FeatureWriter.write of ready float16 chunks in a loop, the disk's ceiling here; GB/s is its")
+    print("  rate in store bytes. With token vectors on, a target needs a disk that sustains the GB/s beside it.")
+    if not all(r["same_bytes"] for r in results):
+        raise RuntimeError("the old and new host paths stored different bytes")
+    info["load_average_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"\nload average at the end: {info['load_average_1min_at_end']:.2f} ({info['cpus']} CPUs)")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": info, "host_path": results}, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 # ---------------------------------------------------------------- options and report
 
 
@@ -323,16 +565,6 @@ def default_batch_size(models: str, dev: torch.device) -> int:
     if models == "tiny":
         return 64
     return 256 if dev.type == "cuda" else 16
-
-
-def default_workers(dev: torch.device) -> int:
-    # On a CPU the model already uses every core, so workers only compete with it. On a GPU
-    # decoding is the bound: a card costs about 2 ms at 224 px and 6 ms at 384 px on one core
-    # (measured on a 2-core x86 VM), so 5,000 cards/s needs a dozen cores; keep one for the
-    # main process, which batches, copies and writes the store.
-    if dev.type != "cuda":
-        return 0
-    return max(1, min((os.cpu_count() or 2) - 1, 16))
 
 
 def default_threads(dev: torch.device) -> int:
@@ -365,7 +597,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="default 64 with tiny models, 256 with base on cuda, 16 with base on cpu")
     parser.add_argument("--workers", type=int, default=None,
-                        help="DataLoader workers decoding cards (default 0 on cpu, CPUs - 1 up to 16 on cuda)")
+                        help="DataLoader workers decoding cards (default: extractors.run.default_workers, 0 on cpu, "
+                             "CPUs - 2 up to 16 on cuda)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice, on cpu capped at the cores "
                              "the load average leaves free)")
@@ -374,6 +607,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=Path(__file__).resolve().parent / ".cache",
                         help="where the world and the temporary stores go (default: benchmarks/.cache)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here as JSON")
+    parser.add_argument("--host-path", action="store_true",
+                        help="no model: time synthetic BERT-base and ViT-B/16 outputs through the chunk buffers "
+                             "and the store writer, the old engine against the new")
     args = parser.parse_args(argv)
     args.extractors = [e.strip().lower() for e in args.extractors.split(",") if e.strip()]
     unknown = [e for e in args.extractors if e not in EXTRACTORS]
@@ -413,6 +649,8 @@ def report(results: list[Measure], info: dict, dev: torch.device, models: str) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.host_path:
+        return host_path_main(args)
 
     from extractors.run import resolve_device
     from storage.catalogue import load_catalogue
@@ -427,6 +665,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     workers_note = "given"
     if args.workers is None:
+        from extractors.run import default_workers
+
         args.workers, workers_note = default_workers(dev), "auto"
     base_cpu = args.models == "base" and dev.type == "cpu"
     if args.rows is None and base_cpu:

@@ -5,7 +5,12 @@ Cards are read as RGB (never BGR): greyscale, CMYK, palette and RGBA images are 
 Zero-byte, truncated or otherwise undecodable files are treated as missing and reported,
 never decoded into silently wrong pixels. News without a usable image follow the `missing`
 strategy: `card` renders the title-only card the way IM-MIND does, `blank` is a white card,
-`zeros` gives a zero vector with `present = False`.
+`zeros` gives an all-zero model input with `present = False`.
+
+Extraction keeps the workers' share small: a worker only decodes, crops and resizes, and hands
+over uint8 pixels (`CardDataset(..., uint8=True)`, a quarter of the bytes to pin and copy);
+`normalize` turns a whole batch into model input on the model's device. The float path
+(`ImageTransform.__call__`) is the same two steps on the CPU, so both give the same pixels.
 Letters: B batch, S image height, W image width.
 """
 
@@ -69,17 +74,38 @@ class ImageTransform:
     interpolation: str = "bicubic"
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        """Model input (3, S, W) float32 on the CPU."""
+        return normalize(self.resize(img)[None], *self.stats(torch.device("cpu")))[0]
+
+    def resize(self, img: Image.Image) -> torch.Tensor:
+        """Cropped and resized pixels (3, S, W) uint8, RGB order."""
         if self.crop == "cover":
             img = crop_cover(img)
         resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[self.interpolation]
         img = img.resize((self.size[1], self.size[0]), resample)
-        pixels = np.asarray(img, dtype=np.float32) / 255.0  # (S, W, 3), RGB order
-        pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # (3, S, W)
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())  # (3, S, W)
+
+    def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as (1, 3, 1, 1) float32 on `device`, for `normalize`."""
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return mean.to(device), std.to(device)
+
+
+def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (B, 3, S, W) -> model input float32 (B, 3, S, W) on the same device:
+    (x / 255 - mean) / std, the arithmetic of rankers.plmnr's raw-news bank."""
+    return (pixels.float() / 255.0 - mean) / std
 
 
 class CardDataset(torch.utils.data.Dataset):
-    """One item per news: (pixels (3, S, W), present, status). Decoding runs in DataLoader workers."""
+    """One item per news: (pixels (3, S, W), present, status). Decoding runs in DataLoader workers.
+
+    pixels are the model input (float32), or with `uint8=True` the resized pixels for `normalize`
+    to finish in batches; under `zeros` a missing image is then uint8 zeros, and the caller zeroes
+    those rows after normalising (their `present` is False). The stand-ins that do not depend on
+    the news (`blank`, and `card` cropped to the cover) are made once per dataset copy.
+    """
 
     def __init__(
         self,
@@ -88,25 +114,39 @@ class CardDataset(torch.utils.data.Dataset):
         categories: Sequence[str],
         transform: ImageTransform,
         missing: str = "card",
+        uint8: bool = False,
     ):
         if missing not in ("card", "blank", "zeros"):
             raise ValueError(f"unknown missing-image strategy {missing!r}; known: card, blank, zeros")
         self.paths, self.titles, self.categories = list(paths), list(titles), list(categories)
-        self.transform, self.missing = transform, missing
+        self.transform, self.missing, self.uint8 = transform, missing, uint8
+        self._constant: torch.Tensor | None = None  # (3, S, W) uint8: the stand-in shared by every news
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, str]:
         img, status = read_rgb(self.paths[i])
-        if img is not None:
-            return self.transform(img), True, status
-        if self.missing == "zeros":
-            return torch.zeros(3, *self.transform.size), False, status
+        present = img is not None
+        if present:
+            pixels = self.transform.resize(img)
+        elif self.missing == "zeros":
+            zeros = torch.zeros(3, *self.transform.size, dtype=torch.uint8 if self.uint8 else torch.float32)
+            return zeros, False, status
+        else:
+            pixels = self._stand_in(i)
+        if self.uint8:
+            return pixels, present, status
+        return normalize(pixels[None], *self.transform.stats(torch.device("cpu")))[0], present, status
+
+    def _stand_in(self, i: int) -> torch.Tensor:
+        """(3, S, W) uint8 pixels shown for news i, which has no usable image."""
         from storage.cards import CARD_SIZE, render_card
 
-        if self.missing == "card":
-            img = render_card(self.titles[i], self.categories[i])
-        else:
-            img = Image.new("RGB", CARD_SIZE, (255, 255, 255))
-        return self.transform(img), False, status
+        if self.missing == "card" and self.transform.crop == "card":
+            return self.transform.resize(render_card(self.titles[i], self.categories[i]))
+        if self._constant is None:
+            # A title-only card leaves its cover box white (the title starts right of it), so
+            # cropped to the cover it is the blank card's crop, whatever the title.
+            self._constant = self.transform.resize(Image.new("RGB", CARD_SIZE, (255, 255, 255)))
+        return self._constant.clone()

@@ -4,9 +4,18 @@ The store is the cache: a complete store whose metadata (extractor config, check
 dataset fingerprint) matches is returned untouched; an interrupted one is resumed from its
 committed rows. Rows are processed in chunks in catalogue order (so the store's commit
 counter means something); inside a chunk, titles are sorted by length and padded per batch,
-which keeps padding waste small without giving up resumability. Images are decoded in
-DataLoader workers into pinned memory and copied without blocking; on a GPU the model runs
-under bf16 autocast. Letters: N news, B batch, L tokens, D width.
+which keeps padding waste small without giving up resumability. On a GPU the model runs under
+bf16 autocast.
+
+The host keeps up with the device (issue 3's targets on one H100: 40,000 titles/s, 5,000 cards/s,
+2,000 BLIP news/s):
+- titles are tokenised chunk by chunk by the tokenizer's Rust backend, the next chunk in a thread
+  while the model encodes this one (`_TitleEncoder`);
+- cards are decoded, cropped and resized in DataLoader workers (`default_workers`) and reach the
+  device as uint8, where they are normalised with the extractor's mean and std;
+- outputs are cast to the store dtype on the device, copied to the host once per chunk and
+  written by a background thread (extractors/chunks.py).
+Letters: N news, B batch, L tokens, D width.
 
 Sharded (`plan_sharded`, `extract_catalogue(..., shard=)`, `merge_sharded`): each worker
 extracts one contiguous row range into its own store (storage/shards.py), then one merge
@@ -19,16 +28,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from extractors.images import CONVERTED, CORRUPT, MISSING, CardDataset
+from extractors.chunks import ChunkWriter, to_device
+from extractors.images import CONVERTED, CORRUPT, MISSING, CardDataset, normalize
 from storage.catalogue import Catalogue
 from storage.errors import PipelineError
 from storage.features import FeatureStore, FeatureWriter, StoreIOError, StoreMeta, store_path
@@ -68,6 +81,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def default_workers(device: str | torch.device) -> int:
+    """DataLoader workers decoding cards when the user names none: 0 on a CPU, where the model
+    already keeps every core busy and workers would only compete with it; on a GPU every core
+    but two (one for the main process launching kernels, one for the store writer and the
+    tokenizer thread), at most 16. A card costs a worker about 2.7 ms at 224 px (1.1 decode,
+    1.6 resize) and 3.1 ms at 384 px (measured on one core of a 2-core VM), so ViT-B/16 at 5,000
+    cards/s needs about 14 cores."""
+    dev = resolve_device(device) if isinstance(device, str) else device
+    if dev.type != "cuda":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores - 2, 16))
+
+
 def spec_slug(extractor) -> str:
     """`bert` + checkpoint as a file-name part: different checkpoints get different stores."""
     return slug_of(extractor.config.name, extractor.config.checkpoint)
@@ -85,13 +115,22 @@ def token_len(extractor) -> int:
     return int(extractor.config.max_length)
 
 
-def store_meta(extractor, catalogue: Catalogue, tokens: bool, dtype: str, mode: str = "frozen") -> StoreMeta:
+def store_meta(extractor, catalogue: Catalogue, tokens: bool, dtype: str, mode: str = "frozen",
+               extra_preprocess: dict | None = None) -> StoreMeta:
+    """What the store of `extractor` over `catalogue` records. `extra_preprocess` joins the
+    extractor config in `preprocess` (e.g. a fine-tuning record: stores made from other weights
+    then differ); it may not replace the config's own keys."""
+    preprocess = extractor.config.to_dict()
+    clash = sorted(set(extra_preprocess or {}) & set(preprocess))
+    if clash:
+        raise ValueError(f"extra_preprocess may not replace the extractor config's keys: {', '.join(clash)}; "
+                         f"put them under a key of their own")
     return StoreMeta(
         extractor=extractor.config.name,
         checkpoint=extractor.config.checkpoint,
         revision=extractor.config.revision or "",
         mode=mode,
-        preprocess=extractor.config.to_dict(),
+        preprocess={**preprocess, **(extra_preprocess or {})},
         fingerprint=catalogue.fingerprint(),
         dim=extractor.dim,
         dtype=dtype,
@@ -108,9 +147,9 @@ def chunk_size(batch_size: int, chunk_rows: int) -> int:
     return max(1, chunk_rows // batch_size) * batch_size
 
 
-def catalogue_store(extractor, catalogue: Catalogue, features_dir: Path) -> Path:
+def catalogue_store(extractor, catalogue: Catalogue, features_dir: Path, mode: str = "frozen") -> Path:
     """The store `extract_catalogue` fills for this extractor and catalogue."""
-    return store_path(features_dir, catalogue.name, spec_slug(extractor), "frozen")
+    return store_path(features_dir, catalogue.name, spec_slug(extractor), mode)
 
 
 def extract_catalogue(
@@ -126,18 +165,22 @@ def extract_catalogue(
     chunk_rows: int = 1024,
     progress: bool = True,
     shard: Shard | None = None,
+    mode: str = "frozen",
+    extra_preprocess: dict | None = None,
 ) -> ExtractionResult:
     """Encode every news of `catalogue` with `extractor` into its store; resume or reuse it.
 
-    With `shard` (from `plan_sharded`, same batch_size and chunk_rows), only rows
-    [shard.start, shard.stop) are encoded, into the shard's own store.
+    With `shard` (from `plan_sharded`, same batch_size, chunk_rows, mode and extra_preprocess),
+    only rows [shard.start, shard.stop) are encoded, into the shard's own store. `mode` names
+    the store (`finetuned` for an extractor with trained weights) and `extra_preprocess` joins
+    its recorded preprocessing (see `store_meta`).
     """
     chunk_rows = chunk_size(batch_size, chunk_rows)
-    meta = store_meta(extractor, catalogue, tokens, dtype)
+    meta = store_meta(extractor, catalogue, tokens, dtype, mode, extra_preprocess)
     n = len(catalogue)
     spec = extractor.config.spec
     if shard is None:
-        path, first, stop, attrs = catalogue_store(extractor, catalogue, features_dir), 0, n, None
+        path, first, stop, attrs = catalogue_store(extractor, catalogue, features_dir, mode), 0, n, None
     else:
         _check_shard(shard, n, chunk_rows)
         path, first, stop, attrs = shard.path, shard.start, shard.stop, shard.attrs(n)
@@ -160,12 +203,13 @@ def extract_catalogue(
             if extractor.modality == "text":
                 batches = _text_batches(extractor, catalogue, start, stop, batch_size, chunk_rows, dev)
             else:
-                batches = _image_batches(extractor, catalogue, start, stop, batch_size, num_workers, dev, result)
-            buffer = _ChunkBuffer(writer, first, chunk_rows, meta.token_len, meta.dim)
-            for rows, encoded, present in batches:
-                buffer.add(rows, encoded, present)
-                bar.update(len(rows))
-            buffer.close()
+                batches = _image_batches(extractor, catalogue, start, stop, batch_size, chunk_rows, num_workers,
+                                         dev, result)
+            with contextlib.closing(batches), ChunkWriter(writer, first, chunk_rows, dev) as chunks:
+                for rows, encoded, present in batches:
+                    chunks.add(rows, encoded, present)
+                    bar.update(len(rows))
+                chunks.close()
         finally:
             bar.close()
         result.seconds = time.perf_counter() - started
@@ -208,11 +252,14 @@ def plan_sharded(
     chunk_rows: int = 1024,
     tokens: bool = True,
     dtype: str = "float16",
+    mode: str = "frozen",
+    extra_preprocess: dict | None = None,
 ) -> ShardPlan:
     """Up to `shards` contiguous, chunk-aligned row ranges of the catalogue's store."""
-    path = catalogue_store(extractor, catalogue, features_dir)
+    path = catalogue_store(extractor, catalogue, features_dir, mode)
     planned = plan_shards(path, len(catalogue), shards, chunk_size(batch_size, chunk_rows))
-    return ShardPlan(extractor.config.spec, path, store_meta(extractor, catalogue, tokens, dtype), tuple(planned))
+    meta = store_meta(extractor, catalogue, tokens, dtype, mode, extra_preprocess)
+    return ShardPlan(extractor.config.spec, path, meta, tuple(planned))
 
 
 def finished_store(plan: ShardPlan, catalogue: Catalogue) -> ExtractionResult | None:
@@ -274,81 +321,112 @@ def _open_writer(path: Path, meta: StoreMeta, ids: np.ndarray, attrs: dict | Non
         return FeatureWriter(path, meta, ids, restart=True, attrs=attrs)
 
 
-class _ChunkBuffer:
-    """One chunk of rows being filled by batches (in any order inside the chunk), written to
-    the store as soon as every row of it has arrived. Batches never straddle chunks.
-    `first` is the catalogue row of the store's row 0 (a shard's start)."""
-
-    def __init__(self, writer: FeatureWriter, first: int, chunk_rows: int, token_len: int | None, dim: int):
-        self.writer, self.first, self.chunk_rows, self.token_len, self.dim = writer, first, chunk_rows, token_len, dim
-        self._start_chunk()
-
-    def _start_chunk(self) -> None:
-        self.start = self.first + self.writer.next_row
-        size = min(self.chunk_rows, self.writer.rows - self.writer.next_row)
-        self.filled = 0
-        self.vectors = np.zeros((size, self.dim), dtype=np.float32)  # (C, D)
-        self.present = np.zeros(size, dtype=bool)  # (C,)
-        if self.token_len is not None:
-            self.tokens = np.zeros((size, self.token_len, self.dim), dtype=np.float32)  # (C, L, D)
-            self.mask = np.zeros((size, self.token_len), dtype=bool)  # (C, L)
-
-    def add(self, rows: np.ndarray, encoded, present: np.ndarray) -> None:
-        at = rows - self.start  # (B,) positions inside the chunk
-        if at.min() < 0 or at.max() >= len(self.vectors):
-            raise RuntimeError(f"batch rows {rows.min()}..{rows.max()} fall outside the chunk starting at {self.start}")
-        self.vectors[at] = encoded.vectors.float().cpu().numpy()
-        self.present[at] = present
-        if self.token_len is not None:
-            tokens = encoded.tokens.float().cpu().numpy()  # (B, l, D)
-            keep = min(tokens.shape[1], self.token_len)
-            self.tokens[at, :keep] = tokens[:, :keep]
-            self.mask[at, :keep] = encoded.mask[:, :keep].cpu().numpy()
-        self.filled += len(rows)
-        if self.filled == len(self.vectors):
-            tokens = (self.tokens, self.mask) if self.token_len is not None else (None, None)
-            self.writer.write(self.vectors, self.present, tokens=tokens[0], mask=tokens[1])
-            if self.writer.next_row < self.writer.rows:
-                self._start_chunk()
-
-    def close(self) -> None:
-        if self.writer.next_row != self.writer.rows:
-            raise RuntimeError(f"extraction ended at row {self.writer.next_row} of {self.writer.rows}")
-
-
 def _autocast(dev: torch.device):
     if dev.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+class _TitleEncoder:
+    """Titles -> input_ids and attention_mask (n, max_length) int64, padded to max_length:
+    exactly what the tokenizer's own batch call gives.
+
+    A fast tokenizer is driven through a copy of its Rust backend: the transformers wrapper
+    spends about 45 us of Python per title on top (measured), which holds the GIL and caps it
+    near 20,000 titles/s however many cores there are, half of BERT-base's 40,000 titles/s.
+    The backend releases the GIL and spreads a batch over the cores. The first call checks the
+    two agree on its first titles and keeps the wrapper when they do not (or for a slow tokenizer).
+    """
+
+    CHECKED_TITLES = 64
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self._backend = self._backend_copy()
+        self._checked = self._backend is None
+
+    def _backend_copy(self):
+        backend = getattr(tokenizer := self.tokenizer, "backend_tokenizer", None)
+        if not getattr(tokenizer, "is_fast", False) or backend is None or tokenizer.pad_token_id is None:
+            return None
+        from tokenizers import Tokenizer
+
+        try:
+            # A copy: the caller's tokenizer keeps its own padding state, and no two threads share one.
+            copy = Tokenizer.from_str(backend.to_str())
+            copy.enable_truncation(self.max_length, direction=tokenizer.truncation_side)
+            copy.enable_padding(direction=tokenizer.padding_side, pad_id=tokenizer.pad_token_id,
+                                pad_type_id=tokenizer.pad_token_type_id, pad_token=tokenizer.pad_token,
+                                length=self.max_length)
+        except Exception as err:  # noqa: BLE001 - any backend it cannot copy is served by the wrapper
+            log.debug("tokenizer backend not usable directly (%s); using the transformers call", err)
+            return None
+        return copy
+
+    def __call__(self, titles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        if not self._checked:
+            self._checked = True
+            sample = list(titles[: self.CHECKED_TITLES])
+            if not all(np.array_equal(a, b) for a, b in zip(self._encode(sample), self._wrapper(sample))):
+                log.info("the tokenizer's backend disagrees with its transformers call; using the latter")
+                self._backend = None
+        return self._encode(titles) if self._backend is not None else self._wrapper(titles)
+
+    def _encode(self, titles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        encoded = self._backend.encode_batch(list(titles))
+        ids = np.array([e.ids for e in encoded], dtype=np.int64).reshape(len(titles), self.max_length)
+        attention = np.array([e.attention_mask for e in encoded], dtype=np.int64).reshape(ids.shape)
+        return ids, attention
+
+    def _wrapper(self, titles: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        encoded = self.tokenizer(list(titles), truncation=True, max_length=self.max_length, padding="max_length",
+                                 return_tensors="np")
+        return encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64)
+
+
+def _prefetched(fn: Callable, items: Sequence) -> Iterator:
+    """fn(item) for each item in order; fn of the next item runs in a thread meanwhile."""
+    if not items:
+        return
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+    try:
+        ahead = pool.submit(fn, items[0])
+        for item in items[1:]:
+            done, ahead = ahead.result(), pool.submit(fn, item)
+            yield done
+        yield ahead.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _title_chunks(extractor, catalogue: Catalogue, start: int, stop: int,
+                  chunk_rows: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(first row, input_ids (C, Lmax), attention (C, Lmax)) of each chunk of rows start..stop-1,
+    padded to max_length; each batch is later cut to its own longest title."""
+    encode = _TitleEncoder(extractor.tokenizer, extractor.config.max_length)
+    bounds = [(a, min(a + chunk_rows, stop)) for a in range(start, stop, chunk_rows)]
+    return _prefetched(lambda ab: (ab[0], *encode([str(t) for t in catalogue.title[ab[0]:ab[1]]])), bounds)
+
+
+def _cut(ids: np.ndarray, attention: np.ndarray, local: np.ndarray, dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """Rows `local` of a chunk's max_length-padded titles, cut to their longest, on `dev`: (B, l) each."""
+    width = max(int(attention[local].sum(1).max()), 1)
+    return to_device(ids[local, :width], dev), to_device(attention[local, :width], dev)
+
+
 def _text_batches(extractor, catalogue: Catalogue, start: int, stop: int, batch_size: int, chunk_rows: int,
                   dev: torch.device):
     """Yield (rows, Encoded, present) for catalogue rows start..stop-1, titles sorted by
     length inside each chunk."""
-    titles = [str(t) for t in catalogue.title[start:stop]]
-    # Tokenised once, padded to max_length in the tokenizer's Rust code; each batch is then a
-    # slice cut to its own longest title, so the loop below does no per-title Python work.
-    encoded = extractor.tokenizer(
-        titles, truncation=True, max_length=extractor.config.max_length, padding="max_length", return_tensors="np"
-    )
-    input_ids = encoded["input_ids"].astype(np.int64)  # (N', Lmax)
-    attention = encoded["attention_mask"].astype(np.int64)  # (N', Lmax)
-    lengths = attention.sum(1)  # (N',)
-    for chunk_start in range(start, stop, chunk_rows):
-        rows = np.arange(chunk_start, min(chunk_start + chunk_rows, stop))
-        order = rows[np.argsort(lengths[rows - start], kind="stable")]
-        for b in range(0, len(order), batch_size):
-            batch_rows = order[b : b + batch_size]
-            local = batch_rows - start
-            width = int(lengths[local].max())
-            with torch.inference_mode(), _autocast(dev):
-                out = extractor(
-                    torch.from_numpy(input_ids[local, :width]).to(dev, non_blocking=True),
-                    torch.from_numpy(attention[local, :width]).to(dev, non_blocking=True),
-                    return_tokens=True,
-                )
-            yield batch_rows, out, np.ones(len(batch_rows), dtype=bool)
+    with contextlib.closing(_title_chunks(extractor, catalogue, start, stop, chunk_rows)) as chunks:
+        for first, ids, attention in chunks:
+            order = np.argsort(attention.sum(1), kind="stable")  # (C,) chunk positions, shortest first
+            for b in range(0, len(order), batch_size):
+                local = order[b : b + batch_size]
+                input_ids, mask = _cut(ids, attention, local, dev)
+                with torch.inference_mode(), _autocast(dev):
+                    out = extractor(input_ids, mask, return_tokens=True)
+                yield first + local, out, np.ones(len(local), dtype=bool)
 
 
 class _IndexedCards(torch.utils.data.Dataset):
@@ -363,35 +441,49 @@ class _IndexedCards(torch.utils.data.Dataset):
         return self.start + i, pixels, present, status
 
 
-def _image_batches(extractor, catalogue: Catalogue, start: int, stop: int, batch_size: int, num_workers: int,
-                   dev: torch.device, result: ExtractionResult):
-    """Yield (rows, Encoded, present) for catalogue rows start..stop-1 in order; images decoded
-    in workers."""
+def _image_batches(extractor, catalogue: Catalogue, start: int, stop: int, batch_size: int, chunk_rows: int,
+                   num_workers: int, dev: torch.device, result: ExtractionResult):
+    """Yield (rows, Encoded, present) for catalogue rows start..stop-1 in order; cards decoded
+    and resized in workers, normalised on the device."""
     cards = CardDataset(
         [catalogue.image_path(i) for i in range(len(catalogue))],
         [str(t) for t in catalogue.title],
         [str(c) for c in catalogue.category],
         extractor.transform,
         extractor.config.missing,
+        uint8=True,
     )
     loader = torch.utils.data.DataLoader(
         _IndexedCards(cards, start, stop), batch_size=batch_size, shuffle=False, num_workers=num_workers,
         pin_memory=dev.type == "cuda", persistent_workers=False,
     )
-    titles = catalogue.title
-    for rows, pixels, present, statuses in loader:
-        rows = rows.numpy()
-        result.images.update(statuses)
-        if CORRUPT in statuses:
-            result.corrupt_ids += [str(catalogue.ids[r]) for r, st in zip(rows, statuses) if st == CORRUPT]
-        pixels = pixels.to(dev, non_blocking=True)
-        with torch.inference_mode(), _autocast(dev):
-            if extractor.modality == "image":
-                out = extractor(pixels, return_tokens=True)
-            else:
-                batch = {k: v.to(dev, non_blocking=True) for k, v in extractor.tokenize([str(titles[r]) for r in rows]).items()}
-                out = extractor(**batch, pixels=pixels, return_tokens=True)
-        yield rows, out, present.numpy()
+    mean, std = extractor.transform.stats(dev)
+    zero_missing = extractor.config.missing == "zeros"
+    batches = iter(loader)  # workers fork here, before the tokenizer thread starts
+    titles = _title_chunks(extractor, catalogue, start, stop, chunk_rows) if extractor.modality != "image" else None
+    first = chunk_end = start
+    try:
+        for rows, pixels, present, statuses in batches:
+            rows = rows.numpy()
+            result.images.update(statuses)
+            if CORRUPT in statuses:
+                result.corrupt_ids += [str(catalogue.ids[r]) for r, st in zip(rows, statuses) if st == CORRUPT]
+            pixels = normalize(pixels.to(dev, non_blocking=True), mean, std)  # (B, 3, S, W)
+            if zero_missing:
+                pixels = pixels.masked_fill(~present.to(dev, non_blocking=True).view(-1, 1, 1, 1), 0.0)
+            with torch.inference_mode(), _autocast(dev):
+                if extractor.modality == "image":
+                    out = extractor(pixels, return_tokens=True)
+                else:
+                    if rows[0] >= chunk_end:  # batches never straddle chunks (chunk_size)
+                        first, ids, attention = next(titles)
+                        chunk_end = first + len(ids)
+                    input_ids, mask = _cut(ids, attention, rows - first, dev)
+                    out = extractor(input_ids, mask, pixels=pixels, return_tokens=True)
+            yield rows, out, present.numpy()
+    finally:
+        if titles is not None:
+            titles.close()
 
 
 class _NoProgress:
@@ -410,5 +502,6 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
     return tqdm(total=total, initial=initial, desc=desc, unit="news", dynamic_ncols=True, smoothing=0.1)
 
 
-__all__ = ["ExtractionResult", "ShardPlan", "catalogue_store", "chunk_size", "extract_catalogue", "finished_store",
-           "merge_sharded", "plan_sharded", "resolve_device", "spec_slug", "CONVERTED", "MISSING", "CORRUPT"]
+__all__ = ["ExtractionResult", "ShardPlan", "catalogue_store", "chunk_size", "default_workers", "extract_catalogue",
+           "finished_store", "merge_sharded", "plan_sharded", "resolve_device", "spec_slug", "store_meta",
+           "CONVERTED", "MISSING", "CORRUPT"]

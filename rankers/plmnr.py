@@ -44,26 +44,6 @@ class NewsInputs:
     pixels: torch.Tensor | None = None  # (U, 3, S, W) normalised
 
 
-class _Resized:
-    """Crop and resize as the extractor's ImageTransform does, but stop at uint8 pixels, so
-    a decoded cover costs S*W*3 bytes in the cache; normalisation happens per batch."""
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, img) -> torch.Tensor:
-        from PIL import Image
-
-        from extractors.images import crop_cover
-
-        t = self.transform
-        if t.crop == "cover":
-            img = crop_cover(img)
-        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[t.interpolation]
-        img = img.resize((t.size[1], t.size[0]), resample)
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)))  # (3, S, W)
-
-
 class RawNewsBank:
     """Every catalogue news' model inputs, gathered per batch like rankers.train.NewsBank.
 
@@ -100,15 +80,16 @@ class RawNewsBank:
         self.mean = torch.tensor(cfg.mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(cfg.std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         cat = self.catalogue
+        # uint8 crops (S*W*3 bytes a cover in the cache); normalised per batch in `gather`.
         self.cards = CardDataset([cat.image_path(i) for i in range(self.n)], [str(t) for t in cat.title],
-                                 [str(c) for c in cat.category], _Resized(vision.transform), cfg.missing)
+                                 [str(c) for c in cat.category], vision.transform, cfg.missing, uint8=True)
         self.present = np.zeros(self.n, dtype=bool)
         if self.n * 3 * cfg.image_size[0] * cfg.image_size[1] > cache_gb * 2**30:
             return  # decoded per batch in gather
         pixels = torch.empty(self.n, 3, *cfg.image_size, dtype=torch.uint8)  # (N, 3, S, W)
         loader = torch.utils.data.DataLoader(self.cards, batch_size=None, num_workers=workers)
         for i, (img, present, status) in enumerate(loader):
-            pixels[i] = img.to(torch.uint8)  # a `zeros` missing card comes as float zeros
+            pixels[i] = img
             self.present[i] = present
             self.image_status[status] += 1
         self.pixels = pixels
@@ -120,7 +101,7 @@ class RawNewsBank:
         for r in rows.tolist():
             img, present, status = self.cards[r]
             self.present[r] = present
-            out.append(img.to(torch.uint8))
+            out.append(img)
         return torch.stack(out)  # (U, 3, S, W)
 
     def gather(self, rows: torch.Tensor, roles: tuple[str, ...] = ("text", "image")) -> NewsInputs:

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from extractors.images import CONVERTED, CORRUPT, MISSING, OK, CardDataset, ImageTransform, crop_cover, read_rgb
+from extractors.images import (CONVERTED, CORRUPT, MISSING, OK, CardDataset, ImageTransform, crop_cover, normalize,
+                               read_rgb)
 from extractors.registry import available, create, parse_spec, register
 from storage.errors import PipelineError
 
@@ -198,3 +199,39 @@ def test_missing_image_strategies(missing, tmp_path):
         assert torch.allclose(pixels, torch.ones_like(pixels))
     else:  # a rendered title card: mostly white with dark text
         assert pixels.min() < 0 and (pixels > 0.99).float().mean() > 0.5
+
+
+def test_transform_is_the_plain_numpy_normalisation_bit_for_bit():
+    transform = ImageTransform(size=(64, 192), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    img = card((37, 201, 99))
+    resized = np.asarray(img.resize((192, 64), Image.BICUBIC), dtype=np.float32)  # (S, W, 3)
+    expected = (resized / 255.0 - np.asarray(transform.mean, np.float32)) / np.asarray(transform.std, np.float32)
+    assert transform(img).numpy().tobytes() == np.ascontiguousarray(expected.transpose(2, 0, 1)).tobytes()
+
+
+@pytest.mark.parametrize("crop", ["card", "cover"])
+@pytest.mark.parametrize("missing", ["card", "blank", "zeros"])
+def test_uint8_cards_normalised_in_a_batch_equal_the_float_cards(missing, crop, tmp_path):
+    from storage.cards import render_card
+
+    good = tmp_path / "good.jpg"
+    card().save(good, quality=95)
+    titles = ["A title", "A much longer title that wraps over three lines of the card and is cut at the end",
+              "WWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWWW", "Short"]
+    categories = ["news", "sports", "finance", "weather"]
+    paths = [good, None, tmp_path / "absent.jpg", None]
+    transform = ImageTransform(size=(64, 192), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop=crop)
+    floats = CardDataset(paths, titles, categories, transform, missing)
+    raw = CardDataset(paths, titles, categories, transform, missing, uint8=True)
+    items = [raw[i] for i in range(len(paths))]
+    batch = torch.stack([pixels for pixels, _, _ in items])  # (B, 3, S, W)
+    present = torch.tensor([p for _, p, _ in items])
+    assert batch.dtype == torch.uint8 and present.tolist() == [True, False, False, False]
+    pixels = normalize(batch, *transform.stats(torch.device("cpu")))
+    if missing == "zeros":  # what extraction does with the rows of absent images
+        pixels = pixels.masked_fill(~present.view(-1, 1, 1, 1), 0.0)
+    assert torch.equal(pixels, torch.stack([floats[i][0] for i in range(len(paths))]))
+    if missing == "card":
+        # Made once or per news, the stand-in is the news' own title-only card.
+        for i in (1, 2, 3):
+            assert torch.equal(items[i][0], transform.resize(render_card(titles[i], categories[i])))
