@@ -41,7 +41,7 @@ class ExtractParams(BaseModel):
     extractors: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTRACTORS), min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(64, ge=1, le=8192)
-    workers: int = Field(0, ge=0, le=64)
+    workers: int | None = Field(None, ge=0, le=64)  # None: extractors.run.default_workers(device)
     crop: Literal["card", "cover"] = "card"
     missing: Literal["card", "blank", "zeros"] = "card"
     tokens: bool = True
@@ -139,12 +139,13 @@ def _build(spec: str, params: ExtractParams, data: Path):
 def run_extractor(spec: str, params: ExtractParams, data: Path, shard=None) -> dict:
     """Build one extractor and fill its store (or one shard's store); the plain function
     behind the Prefect tasks."""
-    from extractors.run import extract_catalogue
+    from extractors.run import default_workers, extract_catalogue
 
     catalogue, extractor, features = _build(spec, params, data)
+    workers = default_workers(params.device) if params.workers is None else params.workers
     result = extract_catalogue(
         extractor, catalogue, features, batch_size=params.batch_size, device=params.device,
-        num_workers=params.workers, tokens=params.tokens, dtype=params.dtype, chunk_rows=params.chunk_rows,
+        num_workers=workers, tokens=params.tokens, dtype=params.dtype, chunk_rows=params.chunk_rows,
         progress=params.progress, shard=shard,
     )
     return _row(result, extractor.modality)
@@ -430,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=64, help="news per forward pass (default 64)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding images (default 0: in-process)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader processes decoding images (default: 0 on CPU, where the model keeps the cores busy; "
+                   "on a GPU every core but two, at most 16)")
     p.add_argument("--crop", choices=["card", "cover"], default="card", help="whole IM-MIND card or the cover box (15,15)-(215,180)")
     p.add_argument("--missing", choices=["card", "blank", "zeros"], default="card",
                    help="news without an image: a rendered title-only card (IM-MIND's way), a white card, or a zero vector")
