@@ -14,6 +14,18 @@ def _isolated_storage(tmp_path_factory, monkeypatch):
     yield root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models on 2 shared cores: one torch thread is faster (spinning OpenMP threads made
+    a ranker epoch 8x slower, see rankers.train.cpu_threads) and keeps runs bit-reproducible."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """One temporary Prefect server and database for the flow tests of this session."""

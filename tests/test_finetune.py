@@ -22,14 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 HEAD = dict(dim=16, heads=2, additive_hidden=16, history=10, batch_size=32, lr=3e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on 2 shared cores: one thread is faster, and makes runs bit-reproducible.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def world(tiny_world):

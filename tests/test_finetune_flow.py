@@ -11,20 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from flows.rank import CHECKPOINTS, RankParams, finetune_config, run_rank
 from storage.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

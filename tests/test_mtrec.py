@@ -16,13 +16,6 @@ from rankers.mtrec import B, I, IGNORE, O, MTRecConfig, MTRecHeads, bio_tags, en
 from rankers.surgery import LAMBDA, combine, project_conflicting
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------------------------------
 # Gradient surgery

@@ -26,14 +26,6 @@ from rankers.train import (
 SMALL = NRMSConfig(dim=16, heads=4, additive_hidden=16, dropout=0.2, history=6, batch_size=16, epochs=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: on 2 shared cores one thread is several times faster than two.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------------------------------
 # Synthetic arrays
@@ -347,8 +339,12 @@ def test_cpu_threads_limits_and_restores_torch_threads():
     from rankers.train import cpu_threads
 
     before = torch.get_num_threads()
-    with cpu_threads(torch.device("cpu"), 1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    with cpu_threads(torch.device("cpu"), None):
-        assert torch.get_num_threads() == before
+    torch.set_num_threads(2)  # the suite runs on one thread (conftest)
+    try:
+        with cpu_threads(torch.device("cpu"), 1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with cpu_threads(torch.device("cpu"), None):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -11,20 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from flows.compare import ENHANCED, CompareParams, plan
 from flows.presets import EXP1, EXP2, EXP3, EXP4, FROZEN_TEXT, PRESETS, PUBLISHED_FINETUNE, TUNED_BERT
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
