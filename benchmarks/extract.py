@@ -206,18 +206,9 @@ def build(name: str, models: str, titles: list[str]):
             config = ExtractorConfig(name="bert", checkpoint="random-bert-base", modality="text")
             return TextExtractor(config, BertModel(BertConfig()), train_wordpiece(titles))
         if name == "vit":
-            import timm
+            from extractors.vision import random_vit
 
-            from extractors.vision import VisionExtractor
-
-            model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-            data = timm.data.resolve_model_data_config(model)
-            config = ExtractorConfig(
-                name="vit", checkpoint="random-vit_base_patch16_224", modality="image",
-                image_size=tuple(data["input_size"][1:]), mean=tuple(data["mean"]), std=tuple(data["std"]),
-                interpolation=data.get("interpolation", "bicubic"), max_length=0,
-            )
-            return VisionExtractor(config, model)
+            return random_vit()
         if name == "blip":
             from transformers import BlipConfig, BlipForImageTextRetrieval
             from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD

@@ -83,18 +83,9 @@ def base_extractors(titles: list[str], fusion: str) -> dict:
         config = ExtractorConfig(name="bert", checkpoint="random-bert-base", modality="text", pooling="cls")
         out = {"text": TextExtractor(config, BertModel(BertConfig(), add_pooling_layer=False), train_wordpiece(titles))}
         if fusion != "text":
-            import timm
+            from extractors.vision import random_vit
 
-            from extractors.vision import VisionExtractor
-
-            model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
-            data = timm.data.resolve_model_data_config(model)
-            config = ExtractorConfig(
-                name="vit", checkpoint="random-vit_base_patch16_224", modality="image",
-                image_size=tuple(data["input_size"][1:]), mean=tuple(data["mean"]), std=tuple(data["std"]),
-                interpolation=data.get("interpolation", "bicubic"), max_length=0,
-            )
-            out["image"] = VisionExtractor(config, model)
+            out["image"] = random_vit()
     for ext in out.values():
         ext.set_trainable(True)
     return out

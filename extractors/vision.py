@@ -87,3 +87,23 @@ def create_vit(
         crop=crop, missing=missing, seed=seed, max_length=0,
     )
     return VisionExtractor(config, model)
+
+
+def random_vit(model_name: str = "vit_base_patch16_224", seed: int = 0) -> VisionExtractor:
+    """A timm ViT with seeded random weights and its own data config, as `vit:random-NAME`.
+
+    Random weights cost exactly what pre-trained ones do, so the benchmarks time base-size
+    models with no download.
+    """
+    import timm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    data = timm.data.resolve_model_data_config(model)
+    config = ExtractorConfig(
+        name="vit", checkpoint=f"random-{model_name}", modality="image", pooling="cls",
+        image_size=tuple(data["input_size"][1:]), mean=tuple(data["mean"]), std=tuple(data["std"]),
+        interpolation=data.get("interpolation", "bicubic"), max_length=0, seed=seed,
+    )
+    return VisionExtractor(config, model)

@@ -235,3 +235,13 @@ def test_uint8_cards_normalised_in_a_batch_equal_the_float_cards(missing, crop, 
         # Made once or per news, the stand-in is the news' own title-only card.
         for i in (1, 2, 3):
             assert torch.equal(items[i][0], transform.resize(render_card(titles[i], categories[i])))
+
+
+def test_random_vit_uses_its_models_data_config_and_seed():
+    from extractors.vision import random_vit
+
+    a, b = random_vit("vit_tiny_patch16_224"), random_vit("vit_tiny_patch16_224")
+    assert a.config.image_size == (224, 224) and a.config.checkpoint == "random-vit_tiny_patch16_224"
+    pixels = torch.randn(2, 3, 224, 224)
+    assert a.encode(pixels).vectors.shape == (2, a.dim)
+    assert torch.equal(a.encode(pixels).vectors, b.encode(pixels).vectors)
