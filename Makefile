@@ -34,6 +34,9 @@ bench: sync
 	$(VENV_PY) benchmarks/parse.py
 	$(VENV_PY) benchmarks/score.py
 	$(VENV_PY) benchmarks/extract.py
+	$(VENV_PY) benchmarks/rank_train.py
+	$(VENV_PY) benchmarks/lgbm.py
+	$(VENV_PY) benchmarks/finetune.py
 
 clean:
 	rm -rf storage/data storage/features storage/models storage/reports .pytest_cache
