@@ -132,22 +132,26 @@ def test_fine_tuning_beats_the_frozen_counterpart_on_dev(world):
     """The frozen counterpart is the same model (the same seeded tiny BERT, head, samples and
     schedule) with the extractor frozen. The tiny world is small (600 train impressions), so
     both train on all of train for a fixed 6 epochs without a validation split (no model
-    choice noise). Seed 0 gives fine-tuned 0.584 vs frozen 0.539 dev AUC. Over seeds 0-6 the
-    fine-tuned model scored 0.577-0.596 and the frozen one 0.539-0.585 (its random BERT is
-    redrawn per seed): fine-tuning won 6 of 7 by +0.028 on average, and lost at seed 2
-    (0.579 vs 0.585). Here the seed is fixed and the run is bit-reproducible on the CPU."""
+    choice noise), and one seed is not evidence: the frozen model's random BERT is redrawn
+    per seed and its dev AUC moves by 0.05 across seeds. So four consecutive seeds, the
+    losing one included. Measured (fine-tuned vs frozen dev AUC): seed 0 0.584 vs 0.539,
+    1 0.588 vs 0.565, 2 0.579 vs 0.585, 3 0.584 vs 0.546; mean margin +0.025, 3 wins of 4
+    (seeds 4-6 also won). Bit-reproducible on the CPU."""
     from rankers.metrics import evaluate
 
     dev, full = world["dev"], world["full"]
     no_valid = full.select(np.zeros(len(full), bool))
-    head = NRMSConfig(dim=32, heads=4, additive_hidden=32, history=20, epochs=6, batch_size=32, lr=3e-3)
-    auc = {}
-    for trained in (True, False):
-        cfg = FineTuneConfig(train_encoder=trained, accumulate=1, ranker=head)
-        ranker = FineTuneRanker(world["catalogue"], cfg, device="cpu", progress=False)
-        ranker.fit(full, no_valid)
-        auc[trained] = evaluate(dev.cand_offsets, dev.labels, ranker.score(dev))["auc"]
-    assert auc[True] > auc[False] + 0.02, auc
+    margins = []
+    for seed in range(4):
+        head = NRMSConfig(dim=32, heads=4, additive_hidden=32, history=20, epochs=6, batch_size=32, lr=3e-3, seed=seed)
+        auc = {}
+        for trained in (True, False):
+            cfg = FineTuneConfig(train_encoder=trained, accumulate=1, ranker=head)
+            ranker = FineTuneRanker(world["catalogue"], cfg, device="cpu", progress=False)
+            ranker.fit(full, no_valid)
+            auc[trained] = evaluate(dev.cand_offsets, dev.labels, ranker.score(dev))["auc"]
+        margins.append(auc[True] - auc[False])
+    assert np.mean(margins) > 0.01 and sum(m > 0 for m in margins) >= 3, margins
 
 
 # ------------------------------------------------------------------------------------------
