@@ -295,6 +295,14 @@ def finetune_config(params: RankParams, specs: dict[str, str]):
 # The two ways to fit
 
 
+def nrms_config(params: RankParams):
+    """The NRMSConfig of a frozen NRMS run (every torchrun rank builds the same one)."""
+    from rankers.nrms import NRMSConfig
+
+    tuning = {k: v for k, v in (("lr", params.lr), ("dropout", params.dropout)) if v is not None}
+    return NRMSConfig(epochs=params.epochs, seed=params.seed, use_tokens=params.tokens, **tuning)
+
+
 def _fit_on_stores(params: RankParams, data: Path, catalogue, original, train, valid):
     """(ranker, fit report, stores) of a ranker over feature stores (or a baseline)."""
     from flows.extract import ExtractParams, run_extractor
@@ -332,12 +340,8 @@ def _fit_on_stores(params: RankParams, data: Path, catalogue, original, train, v
 
     options = {"seed": params.seed}
     if params.ranker == "nrms":
-        from rankers.nrms import NRMSConfig
-
-        tuning = {k: v for k, v in (("lr", params.lr), ("dropout", params.dropout)) if v is not None}
         options = dict(fusion=params.fusion, device=params.device, progress=params.progress,
-                       config=NRMSConfig(epochs=params.epochs, seed=params.seed,
-                                         use_tokens=params.tokens, **tuning))
+                       config=nrms_config(params))
     elif params.ranker == "lightgbm":
         options.update(fusion=params.fusion)
     elif params.ranker == "oracle":

@@ -28,28 +28,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flows.common import default_world, validated
-from flows.rank import CHECKPOINTS, RankParams, build_parser, format_outcome, role_specs, run_rank, run_name
+from flows.rank import (
+    CHECKPOINTS, RankParams, build_parser, existing_store, format_outcome, nrms_config, role_specs, run_name, run_rank,
+)
 from rankers import distributed
 from storage.errors import PipelineError, run_cli
-
-
-def feature_specs(params: RankParams) -> dict[str, str]:
-    """The extractor spec of every role the fusion needs (as run_rank chooses them)."""
-    return role_specs(params)
 
 
 def prepare(params: RankParams) -> tuple[Path, dict[str, dict]]:
     """On rank 0: the data folder and the feature stores, generated or extracted if missing."""
     from flows.extract import ExtractParams, run_extractor
+    from storage.catalogue import load_catalogue
 
     data = params.data or default_world(params.scale, params.world_seed, params.storage)
     stores = {}
     if params.finetune:
         return data, stores  # fine-tuning reads titles and images, not stores
-    for role, spec in feature_specs(params).items():
-        extracted = run_extractor(spec, ExtractParams(data=data, images=params.images, extractors=[spec],
-                                                      device=params.device, storage=params.storage,
-                                                      progress=params.progress), data)
+    catalogue = load_catalogue(data, params.images)
+    for role, spec in role_specs(params).items():
+        extracted = existing_store(spec, catalogue, params.storage, tokens=params.tokens) or run_extractor(
+            spec, ExtractParams(data=data, images=params.images, extractors=[spec], device=params.device,
+                                storage=params.storage, progress=params.progress), data)
         stores[role] = {"path": extracted["store"], "extractor": extracted["extractor"]}
     return data, stores
 
@@ -58,7 +57,6 @@ def follow(params: RankParams, data: Path, stores: dict[str, dict]) -> None:
     """On ranks > 0: the fit of run_rank, over the same splits, stores and NRMS options.
     (A difference from rank 0's setup is caught by NRMSRanker.fit's check_same.)"""
     from rankers.data import carve_validation, load_features, load_impressions
-    from rankers.nrms import NRMSConfig
     from rankers.train import NRMSRanker
     from storage.catalogue import load_catalogue
 
@@ -69,9 +67,7 @@ def follow(params: RankParams, data: Path, stores: dict[str, dict]) -> None:
     features = {role: load_features(s["path"], catalogue, name=s["extractor"], tokens=params.tokens)
                 for role, s in stores.items()}
     train, valid = carve_validation(load_impressions(data, "train", catalogue))
-    tuning = {k: v for k, v in (("lr", params.lr), ("dropout", params.dropout)) if v is not None}
-    config = NRMSConfig(epochs=params.epochs, seed=params.seed, use_tokens=params.tokens, **tuning)
-    NRMSRanker(params.fusion, config, device=params.device, progress=False).fit(train, valid, features)
+    NRMSRanker(params.fusion, nrms_config(params), device=params.device, progress=False).fit(train, valid, features)
 
 
 def _follow_finetune(params: RankParams, data: Path, catalogue) -> None:
@@ -109,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "run the other rankers with python -m flows.rank")
     if params.data is not None and not params.data.is_dir():
         raise PipelineError(f"data folder {params.data} does not exist; pass --data with a MIND folder, or leave it out")
-    specs = feature_specs(params)  # a missing role fails on every rank before any work
+    specs = role_specs(params)  # a missing role fails on every rank before any work
     if not params.finetune and (params.titles is not None or any(s.endswith("@finetuned") for s in specs.values())):
         raise PipelineError("flows.rank_ddp trains frozen NRMS over the original titles' frozen stores only; run "
                             "--titles or NAME@finetuned features with python -m flows.rank")

@@ -9,6 +9,8 @@ Letters: T candidate rows.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -44,3 +46,12 @@ class Ranker(Protocol):
     def save(self, folder: Path) -> list[Path]:
         """Write the fitted model (safetensors / LightGBM text + a JSON config); return the files."""
         ...
+
+
+def check_fields(cls: type, values: Mapping) -> None:
+    """Refuse keys of `values` that are not fields of dataclass `cls` (a saved config from
+    another version, a typo), naming them and the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")

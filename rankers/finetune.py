@@ -43,7 +43,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,7 @@ from torch import nn
 
 from rankers import checkpoint as ckpt
 from rankers import distributed
-from rankers.base import FitReport
+from rankers.base import FitReport, check_fields
 from rankers.data import Impressions, NewsFeatures
 from rankers.fusion import roles_of
 from rankers.metrics import evaluate
@@ -145,10 +145,7 @@ class FineTuneConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> FineTuneConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown FineTuneConfig fields {unknown}; known: {sorted(known)}")
+        check_fields(cls, values)
         values = dict(values)
         if "ranker" in values:
             values["ranker"] = NRMSConfig.from_dict(values["ranker"])

@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from rankers.base import ROLES, FitReport
+from rankers.base import ROLES, FitReport, check_fields
 from rankers.data import HISTORY, Impressions, NewsFeatures
 from rankers.metrics import evaluate
 from storage.errors import PipelineError
@@ -134,10 +134,7 @@ class LGBMConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> LGBMConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown LGBMConfig keys {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        check_fields(cls, data)
         return cls(**{**data, "sources": tuple(data.get("sources", cls.sources))})
 
 

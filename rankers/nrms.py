@@ -24,13 +24,13 @@ news of a batch, L tokens, D_in a store's width, d the model width.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from rankers.attention import AdditiveAttention, MaskedSelfAttention
-from rankers.base import ROLES
+from rankers.base import ROLES, check_fields
 from rankers.fusion import create_fusion, roles_of
 
 
@@ -88,10 +88,7 @@ class NRMSConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> NRMSConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown NRMSConfig fields {unknown}; known: {sorted(known)}")
+        check_fields(cls, values)
         values = dict(values)
         if "pooled_roles" in values:
             values["pooled_roles"] = tuple(values["pooled_roles"])  # JSON gives a list

@@ -348,3 +348,14 @@ def test_cpu_threads_limits_and_restores_torch_threads():
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("config", ["rankers.nrms:NRMSConfig", "rankers.finetune:FineTuneConfig", "rankers.lgbm:LGBMConfig"])
+def test_saved_configs_with_unknown_fields_are_refused_by_name(config):
+    import importlib
+
+    module, name = config.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    with pytest.raises(ValueError, match=rf"unknown {name} fields \['bogus'\]"):
+        cls.from_dict({**cls().to_dict(), "bogus": 1})
+    assert cls.from_dict(cls().to_dict()) == cls()
