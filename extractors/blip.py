@@ -21,8 +21,7 @@ from extractors.checkpoints import load_or_explain
 from extractors.config import ExtractorConfig, default_pooling
 from extractors.encoded import Encoded, pool, set_trainable, tokenize_titles
 from extractors.images import ImageTransform
-from extractors.registry import register
-from extractors.text import _tiny_tokenizer
+from extractors.tokenizer import tiny_tokenizer
 
 TINY_BLIP_IMAGE = (64, 192)
 
@@ -97,7 +96,6 @@ def build_tiny_blip(vocab_size: int, pad_token_id: int, max_length: int, seed: i
         return BlipForImageTextRetrieval(config)
 
 
-@register("blip")
 def create_blip(
     checkpoint: str = "tiny",
     *,
@@ -116,7 +114,7 @@ def create_blip(
         crop=crop, missing=missing, seed=seed,
     )
     if config.is_tiny:
-        tokenizer = _tiny_tokenizer(titles, workdir)
+        tokenizer = tiny_tokenizer(titles, workdir)
         side = TINY_BLIP_IMAGE[0]
         config = replace(config, image_size=(side, side))
         model = build_tiny_blip(len(tokenizer), tokenizer.pad_token_id, max_length, seed)

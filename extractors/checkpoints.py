@@ -62,13 +62,16 @@ def load_or_explain(kind: str, checkpoint: str, loader: Callable[[str], T]) -> T
 
 def ensure_available(name: str, checkpoint: str) -> None:
     """Fail in a second when a checkpoint is neither `tiny`, a local directory, nor cached."""
+    from extractors.registry import entry
+
     if checkpoint == "tiny" or local_dir(checkpoint) is not None:
         return
-    kind = {"bert": "text", "vit": "vision", "blip": "BLIP"}.get(name, name)
+    found = entry(name)
+    kind = found.kind
     if looks_like_path(checkpoint):
         raise PipelineError(missing_message(kind, checkpoint))
     from huggingface_hub import try_to_load_from_cache
 
-    repo = checkpoint if "/" in checkpoint or name != "vit" else f"timm/{checkpoint}"
+    repo = checkpoint if "/" in checkpoint else f"{found.hub_prefix}{checkpoint}"
     if not isinstance(try_to_load_from_cache(repo, "config.json"), str):
         raise PipelineError(missing_message(kind, checkpoint))

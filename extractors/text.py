@@ -17,9 +17,7 @@ from torch import nn
 from extractors.checkpoints import load_or_explain
 from extractors.config import ExtractorConfig, default_pooling
 from extractors.encoded import Encoded, pool, set_trainable, tokenize_titles
-from extractors.registry import register
-from extractors.tokenizer import load_tokenizer, train_wordpiece
-from storage.errors import PipelineError
+from extractors.tokenizer import tiny_tokenizer
 
 TINY_TEXT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 
@@ -68,7 +66,6 @@ def build_tiny_text_model(vocab_size: int, max_length: int, seed: int, pad_token
         return BertModel(config, add_pooling_layer=False)
 
 
-@register("bert")
 def create_bert(
     checkpoint: str = "tiny",
     *,
@@ -86,7 +83,7 @@ def create_bert(
         max_length=max_length, seed=seed,
     )
     if config.is_tiny:
-        tokenizer = _tiny_tokenizer(titles, workdir)
+        tokenizer = tiny_tokenizer(titles, workdir)
         model = build_tiny_text_model(len(tokenizer), max_length, seed, tokenizer.pad_token_id)
         return TextExtractor(config, model, tokenizer)
 
@@ -98,13 +95,3 @@ def create_bert(
     config = replace(config, max_length=min(max_length, int(limit)))
     return TextExtractor(config, model, tokenizer)
 
-
-def _tiny_tokenizer(titles: Sequence[str] | None, workdir: str | Path | None):
-    saved = Path(workdir) / "tokenizer" if workdir is not None else None
-    if saved is not None and (saved / "tokenizer.json").is_file():
-        return load_tokenizer(saved)
-    if not titles:
-        raise PipelineError("bert:tiny learns its tokenizer from the dataset's titles, but none were given")
-    if saved is not None:
-        saved.mkdir(parents=True, exist_ok=True)
-    return train_wordpiece(titles, out_dir=saved)

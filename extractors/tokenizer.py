@@ -68,3 +68,18 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def tiny_tokenizer(titles: Sequence[str] | None, workdir: str | Path | None):
+    """The tiny models' tokenizer: loaded from `workdir/tokenizer` when saved there, else
+    learned from `titles` (and saved there when `workdir` is given)."""
+    from storage.errors import PipelineError
+
+    saved = Path(workdir) / "tokenizer" if workdir is not None else None
+    if saved is not None and (saved / "tokenizer.json").is_file():
+        return load_tokenizer(saved)
+    if not titles:
+        raise PipelineError("the tiny models learn their tokenizer from the dataset's titles, but none were given")
+    if saved is not None:
+        saved.mkdir(parents=True, exist_ok=True)
+    return train_wordpiece(titles, out_dir=saved)

@@ -15,7 +15,6 @@ from extractors.checkpoints import load_or_explain, local_dir
 from extractors.config import ExtractorConfig, default_pooling
 from extractors.encoded import Encoded, pool, set_trainable
 from extractors.images import ImageTransform
-from extractors.registry import register
 
 TINY_VISION = dict(patch_size=16, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
 
@@ -58,7 +57,6 @@ def build_tiny_vit(image_size: tuple[int, int], seed: int) -> nn.Module:
         return VisionTransformer(img_size=image_size, num_classes=0, **TINY_VISION)
 
 
-@register("vit")
 def create_vit(
     checkpoint: str = "tiny", *, crop: str = "card", missing: str = "card", pooling: str | None = None, seed: int = 0,
     **_: object,

@@ -306,7 +306,7 @@ def nrms_config(params: RankParams):
 def _fit_on_stores(params: RankParams, data: Path, catalogue, original, train, valid):
     """(ranker, fit report, stores) of a ranker over feature stores (or a baseline)."""
     from flows.extract import ExtractParams, run_extractor
-    from rankers.baselines import create_ranker
+    from rankers.registry import create_ranker
     from rankers.data import load_features
 
     features, stores = {}, {}

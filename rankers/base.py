@@ -17,9 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from extractors.registry import ROLES
 from rankers.data import Impressions, NewsFeatures
-
-ROLES = ("text", "image", "blip")
 
 
 @dataclass

@@ -16,20 +16,14 @@
 - `OracleRanker(click_probs_path)`: the synthetic world's true click probabilities
   (`dev/click_probs.txt`), matched by impression id: the ceiling no ranker can pass.
 
-The registry (one dict, the timm habit): `register_ranker(name)` decorates a constructor
-`fn(**options) -> Ranker`; `create_ranker(name, **options)` builds one; `ranker_names()`.
-Unknown or duplicate names raise with the list of known names. `nrms` and `lightgbm` are
-registered by constructors that import their module only when called, so a missing or
-broken model module breaks only itself.
+The registry of every ranker, these included, is rankers.registry.
 Letters: M impressions, T candidate rows, N news.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -43,34 +37,6 @@ CONFIG_FILE = "config.json"
 COUNTS_FILE = "popularity.npz"
 ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 """Prior strengths (in impressions) the popularity ranker picks from on valid."""
-
-# ----------------------------------------------------------------------------- registry
-
-_RANKERS: dict[str, Callable[..., Any]] = {}
-
-
-def register_ranker(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a ranker constructor `fn(**options) -> Ranker` under `name`."""
-
-    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _RANKERS:
-            raise ValueError(f"ranker {name!r} is registered twice; known: {', '.join(sorted(_RANKERS))}")
-        _RANKERS[name] = fn
-        return fn
-
-    return deco
-
-
-def ranker_names() -> list[str]:
-    return sorted(_RANKERS)
-
-
-def create_ranker(name: str, **options: Any) -> Ranker:
-    """Build the ranker registered as `name` with its options."""
-    if name not in _RANKERS:
-        raise PipelineError(f"unknown ranker {name!r}; known: {', '.join(sorted(_RANKERS))}")
-    return _RANKERS[name](**options)
-
 
 def _write_config(folder: Path, meta: dict) -> Path:
     folder = Path(folder)
@@ -267,39 +233,23 @@ class OracleRanker:
         return cls(_read_config(folder, "oracle")["click_probs"])
 
 
-# ----------------------------------------------------------------------------- built-ins
+# ----------------------------------------------------------------------------- constructors
+# The registry (rankers.registry) builds the baselines through these. Popularity and the
+# oracle are deterministic; they take `seed` so that a flow can pass the options every
+# ranker shares.
 
 
-@register_ranker("random")
-def _random(seed: int = 0) -> RandomRanker:
+def create_random(seed: int = 0) -> RandomRanker:
     return RandomRanker(seed)
 
 
-# Popularity and the oracle are deterministic; they take `seed` so that a flow can pass the
-# options every ranker shares.
-@register_ranker("popularity")
-def _popularity(alpha: float | None = None, exposure: bool = False, seed: int = 0) -> PopularityRanker:
+def create_popularity(alpha: float | None = None, exposure: bool = False, seed: int = 0) -> PopularityRanker:
     return PopularityRanker(alpha, exposure)
 
 
-@register_ranker("oracle")
-def _oracle(click_probs_path: str | Path | None = None, *, click_probs: str | Path | None = None,
-            seed: int = 0) -> OracleRanker:
+def create_oracle(click_probs_path: str | Path | None = None, *, click_probs: str | Path | None = None,
+                  seed: int = 0) -> OracleRanker:
     path = click_probs_path if click_probs_path is not None else click_probs
     if path is None:
         raise PipelineError("the oracle ranker needs click_probs_path, e.g. <world>/dev/click_probs.txt")
     return OracleRanker(path)
-
-
-@register_ranker("lightgbm")
-def _lightgbm(**options: Any) -> Ranker:
-    from rankers.lgbm import LightGBMRanker
-
-    return LightGBMRanker(**options)
-
-
-@register_ranker("nrms")
-def _nrms(**options: Any) -> Ranker:
-    from rankers.train import NRMSRanker
-
-    return NRMSRanker(**options)

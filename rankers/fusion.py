@@ -22,12 +22,14 @@ import torch
 from torch import nn
 
 from rankers.base import ROLES
+from storage.errors import PipelineError
 
 _FUSIONS: dict[str, type[Fusion]] = {}
 
 
-def register(name: str) -> Callable[[type[Fusion]], type[Fusion]]:
-    """Register a fusion class under `name`; its `roles` must be known roles."""
+def register(name: str, label: str | None = None) -> Callable[[type[Fusion]], type[Fusion]]:
+    """Register a fusion class under `name`; its `roles` must be known roles. `label` is how
+    reports name a run over it (default: the name)."""
 
     def deco(cls: type[Fusion]) -> type[Fusion]:
         if name in _FUSIONS:
@@ -36,6 +38,7 @@ def register(name: str) -> Callable[[type[Fusion]], type[Fusion]]:
         if not cls.roles or unknown:
             raise ValueError(f"fusion {name!r} declares roles {cls.roles}; each must be one of {', '.join(ROLES)}")
         cls.name = name
+        cls.label = label or name
         _FUSIONS[name] = cls
         return cls
 
@@ -43,18 +46,24 @@ def register(name: str) -> Callable[[type[Fusion]], type[Fusion]]:
 
 
 def available() -> list[str]:
-    return sorted(_FUSIONS)
+    """Fusion names in registration order: single sources first, then the multimodal ones."""
+    return list(_FUSIONS)
 
 
 def fusion_class(name: str) -> type[Fusion]:
     if name not in _FUSIONS:
-        raise ValueError(f"unknown fusion {name!r}; known: {', '.join(sorted(_FUSIONS))}")
+        raise PipelineError(f"unknown fusion {name!r}; known: {', '.join(_FUSIONS)}")
     return _FUSIONS[name]
 
 
 def roles_of(name: str) -> tuple[str, ...]:
     """The feature roles fusion `name` needs, e.g. ("text", "image")."""
     return fusion_class(name).roles
+
+
+def label_of(name: str) -> str:
+    """How reports name fusion `name`, e.g. "text+image (hadamard)"."""
+    return fusion_class(name).label
 
 
 def create_fusion(name: str, dim: int) -> Fusion:
@@ -65,6 +74,7 @@ class Fusion(nn.Module):
     """{role: (B, d)} -> (B, d) for the roles in `roles`."""
 
     name: str = ""
+    label: str = ""
     roles: tuple[str, ...] = ()
 
     def __init__(self, dim: int):
@@ -75,50 +85,6 @@ class Fusion(nn.Module):
         missing = [r for r in self.roles if r not in vectors]
         if missing:
             raise ValueError(f"fusion {self.name!r} needs roles {self.roles}; missing {missing}")
-
-
-@register("hadamard")
-class Hadamard(Fusion):
-    roles = ("text", "image")
-
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.proj = nn.ModuleDict({r: nn.Linear(dim, dim) for r in self.roles})
-
-    def forward(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.check(vectors)
-        out = self.proj[self.roles[0]](vectors[self.roles[0]])  # (B, d)
-        for role in self.roles[1:]:
-            out = out * self.proj[role](vectors[role])  # (B, d)
-        return out
-
-
-@register("concat")
-class Concat(Fusion):
-    roles = ("text", "image")
-
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.proj = nn.Linear(dim * len(self.roles), dim)
-
-    def forward(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.check(vectors)
-        return self.proj(torch.cat([vectors[r] for r in self.roles], dim=-1))  # (B, 2d) -> (B, d)
-
-
-@register("gated")
-class Gated(Fusion):
-    roles = ("text", "image")
-
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.gate = nn.Linear(2 * dim, dim)
-
-    def forward(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.check(vectors)
-        t, i = vectors["text"], vectors["image"]  # (B, d) each
-        g = torch.sigmoid(self.gate(torch.cat([t, i], dim=-1)))  # (B, d)
-        return g * t + (1 - g) * i
 
 
 class _Single(Fusion):
@@ -140,3 +106,47 @@ class ImageOnly(_Single):
 @register("blip")
 class BlipOnly(_Single):
     roles = ("blip",)
+
+
+@register("hadamard", label="text+image (hadamard)")
+class Hadamard(Fusion):
+    roles = ("text", "image")
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.proj = nn.ModuleDict({r: nn.Linear(dim, dim) for r in self.roles})
+
+    def forward(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.check(vectors)
+        out = self.proj[self.roles[0]](vectors[self.roles[0]])  # (B, d)
+        for role in self.roles[1:]:
+            out = out * self.proj[role](vectors[role])  # (B, d)
+        return out
+
+
+@register("concat", label="text+image (concat)")
+class Concat(Fusion):
+    roles = ("text", "image")
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.proj = nn.Linear(dim * len(self.roles), dim)
+
+    def forward(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.check(vectors)
+        return self.proj(torch.cat([vectors[r] for r in self.roles], dim=-1))  # (B, 2d) -> (B, d)
+
+
+@register("gated", label="text+image (gated)")
+class Gated(Fusion):
+    roles = ("text", "image")
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.gate = nn.Linear(2 * dim, dim)
+
+    def forward(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.check(vectors)
+        t, i = vectors["text"], vectors["image"]  # (B, d) each
+        g = torch.sigmoid(self.gate(torch.cat([t, i], dim=-1)))  # (B, d)
+        return g * t + (1 - g) * i

@@ -72,13 +72,20 @@ GATHER_FLOATS = 1 << 24
 EVAL_AT = 10
 """Early stopping watches NDCG@10 on valid, the deepest cut-off the report uses."""
 
-# The fusion names of rankers.fusion that LightGBM can mirror, as (sources, fuse).
-FUSIONS: dict[str, tuple[tuple[str, ...], str]] = {
-    "text": (("text",), "none"),
-    "image": (("image",), "none"),
-    "blip": (("blip",), "none"),
-    "hadamard": (("text", "image"), "hadamard"),
-}
+
+
+def mirror_fusion(fusion: str) -> tuple[tuple[str, ...], str]:
+    """(sources, fuse) of the LGBMConfig that mirrors rankers.fusion's `fusion`: its roles,
+    and the Hadamard product when the fusion is `hadamard`. Which fusions LightGBM trains on
+    is its entry in rankers.registry."""
+    from rankers.fusion import roles_of
+    from rankers.registry import ranker_entry
+
+    entry = ranker_entry("lightgbm")
+    if not entry.supports(fusion):
+        raise PipelineError(f"LightGBM cannot mirror fusion {fusion!r}; known to LightGBM: "
+                            f"{', '.join(entry.supported_fusions())}")
+    return roles_of(fusion), "hadamard" if fusion == "hadamard" else "none"
 
 
 @dataclass(frozen=True)
@@ -393,9 +400,7 @@ class LightGBMRanker:
                  has_cover: np.ndarray | None = None, **options: Any):
         config = config or LGBMConfig()
         if fusion is not None:
-            if fusion not in FUSIONS:
-                raise PipelineError(f"LightGBM cannot mirror fusion {fusion!r}; known: {', '.join(FUSIONS)}")
-            sources, fuse = FUSIONS[fusion]
+            sources, fuse = mirror_fusion(fusion)
             options = {"sources": sources, "fuse": fuse, **options}
         known = {f.name for f in fields(LGBMConfig)}
         unknown = sorted(set(options) - known)
@@ -412,7 +417,10 @@ class LightGBMRanker:
         self._builder: FeatureBuilder | _Trained | None = None
 
     def _label(self) -> str:
-        for name, (sources, fuse) in FUSIONS.items():
+        from rankers.registry import ranker_entry
+
+        for name in ranker_entry("lightgbm").supported_fusions():
+            sources, fuse = mirror_fusion(name)
             if self.config.sources == sources and (len(sources) == 1 or self.config.fuse == fuse):
                 return name
         return "+".join(self.config.sources)

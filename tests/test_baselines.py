@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 import rankers.baselines as baselines
-from rankers.baselines import (
-    OracleRanker, PopularityRanker, RandomRanker, create_ranker, ranker_names, register_ranker,
-)
+from rankers.baselines import OracleRanker, PopularityRanker, RandomRanker
 from rankers.data import carve_validation, load_impressions
 from rankers.metrics import evaluate
+from rankers.registry import RankerEntry, create_ranker, ranker_entry, ranker_names, register_ranker
 from storage.catalogue import load_catalogue
 from storage.errors import PipelineError
 from storage.synthetic import generate_world
@@ -120,7 +119,7 @@ def test_registry_names_and_errors():
     with pytest.raises(PipelineError, match="known: .*lightgbm.*popularity"):
         create_ranker("svm")
     with pytest.raises(ValueError, match="registered twice; known: .*random"):
-        register_ranker("random")(lambda **_: None)
+        register_ranker(RankerEntry("random", "rankers.baselines:create_random", label="random"))
     with pytest.raises(PipelineError, match="click_probs_path"):
         create_ranker("oracle")
     lgbm = create_ranker("lightgbm", fusion="hadamard", n_estimators=10)
@@ -135,6 +134,15 @@ def test_registry_takes_the_options_flows_share(tiny):
         assert create_ranker(name, seed=3) is not None
     oracle = create_ranker("oracle", seed=3, click_probs=tiny["world"] / "dev" / "click_probs.txt")
     assert oracle.score(tiny["dev"]).shape == tiny["dev"].cand_items.shape
+
+
+def test_registry_entries_say_which_fusions_each_ranker_trains_on():
+    from rankers.fusion import available
+
+    assert ranker_entry("nrms").supported_fusions() == available()
+    assert "concat" not in ranker_entry("lightgbm").supported_fusions()
+    assert {"text", "hadamard"} <= set(ranker_entry("lightgbm").supported_fusions())
+    assert ranker_entry("oracle").baseline and not ranker_entry("oracle").reads_features
 
 
 def test_registry_builds_nrms_lazily():

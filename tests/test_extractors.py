@@ -12,7 +12,7 @@ from PIL import Image
 
 from extractors.images import (CONVERTED, CORRUPT, MISSING, OK, CardDataset, ImageTransform, crop_cover, normalize,
                                read_rgb)
-from extractors.registry import available, create, parse_spec, register
+from extractors.registry import ExtractorEntry, available, create, entry, parse_spec, register
 from storage.errors import PipelineError
 
 TITLES = [
@@ -102,9 +102,27 @@ def test_unknown_and_duplicate_names():
     with pytest.raises(PipelineError, match="unknown extractor 'clip'.*bert"):
         create("clip")
     with pytest.raises(ValueError, match="registered twice"):
-        register("bert")(lambda checkpoint: None)
+        register(ExtractorEntry("bert", role="text", modality="text", constructor="extractors.text:create_bert",
+                                kind="text"))
+    with pytest.raises(ValueError, match="role 'audio'"):
+        ExtractorEntry("wav", role="audio", modality="audio", constructor="x:y", kind="audio")
     assert parse_spec("ViT:vit_base_patch16_224") == ("vit", "vit_base_patch16_224")
     assert parse_spec("bert") == ("bert", "tiny")
+
+
+def test_the_registry_builds_nothing_to_list_or_describe():
+    """Names, roles and checkpoint conventions come from the table without importing a plug-in."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from extractors.registry import available, entry; "
+            "print(available(), entry('vit').role, entry('vit').hub_prefix); "
+            "print(sorted(m for m in sys.modules if m in ('torch', 'extractors.text', 'extractors.vision', "
+            "'extractors.blip')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.splitlines()
+    assert out == ["['bert', 'blip', 'vit'] image timm/", "[]"]
+    assert {name: entry(name).role for name in available()} == {"bert": "text", "vit": "image", "blip": "blip"}
 
 
 @pytest.mark.parametrize("spec", ["bert:no-such-org/no-such-model", "vit:no_such_vit_model", "bert:./missing/dir"])

@@ -17,6 +17,7 @@ from rankers.attention import AdditiveAttention, MaskedSelfAttention
 from rankers.base import ROLES, FitReport
 from rankers.data import Impressions, NewsFeatures, carve_validation, load_features, load_impressions
 from rankers.fusion import Fusion, available, create_fusion, register
+from storage.errors import PipelineError
 from rankers.metrics import evaluate
 from rankers.nrms import NRMS, NRMSConfig
 from rankers.train import (
@@ -99,7 +100,7 @@ def test_every_fusion_maps_roles_to_width(name):
 
 
 def test_fusion_registry_names_known_fusions():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(PipelineError) as err:
         create_fusion("sum", 8)
     for name in ("hadamard", "concat", "gated", "text", "image", "blip"):
         assert name in str(err.value)
