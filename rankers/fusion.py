@@ -1,46 +1,67 @@
 """Fusions: how the per-role news vectors of one news become the one vector that is scored.
 
-One registry (a dict and a `register` decorator, name -> class); an unknown or duplicate
-name raises with the list of known names. Every fusion declares the roles it needs
-(`text`, `image`, `blip`, see rankers.base.ROLES), is built with the common width d, and
-maps {role: (B, d)} to (B, d).
+One registry, and a fusion is one registered function: `@register(name, roles=..., label=...,
+layers=...)` on `fn(v, layers) -> (B, d)`, where `v` maps each role to its (B, d) news
+vectors and `layers` holds the learned layers the entry declares (each `Linear(d, d)`,
+built by `create_fusion`). The registry and the entries import no torch, so flows list,
+validate and label fusions without loading it; an unknown or duplicate name raises with
+the list of known names. Every fusion declares the roles it needs (`text`, `image`,
+`blip`: rankers.base.ROLES) and maps {role: (B, d)} to (B, d).
 
-- `hadamard` (the default; Zhao's thesis): each modality projected to d, then the
-  elementwise product, so a text direction only counts where the image agrees.
-- `concat`: [t; i] then a linear map to d.
-- `gated`: g = sigmoid(W [t; i]); g * t + (1 - g) * i, a learned per-dimension mix.
-- `text`, `image`, `blip`: a single source, passed through (the news encoder already
-  ends at width d).
+- `text`, `image`, `blip`: a single source, passed through (the news encoder already ends
+  at width d).
+- `hadamard` (Zhao's thesis): each modality projected to d, then the elementwise product,
+  so a text direction only counts where the image agrees.
+- `concat`: a linear map of [t; i] to d, written as A t + B i + b (the same map).
+- `gated`: g = sigmoid(A t + B i + b); g * t + (1 - g) * i, a learned per-dimension mix.
 Letters: B news, d width.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from rankers.base import ROLES
+from extractors.registry import ROLES
 from storage.errors import PipelineError
 
-_FUSIONS: dict[str, type[Fusion]] = {}
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 
-def register(name: str, label: str | None = None) -> Callable[[type[Fusion]], type[Fusion]]:
-    """Register a fusion class under `name`; its `roles` must be known roles. `label` is how
-    reports name a run over it (default: the name)."""
+@dataclass(frozen=True)
+class Layer:
+    """A learned layer of a fusion: Linear(d, d), with or without a bias."""
 
-    def deco(cls: type[Fusion]) -> type[Fusion]:
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class FusionEntry:
+    name: str
+    roles: tuple[str, ...]
+    label: str
+    fn: Callable[[Mapping[str, Any], Mapping[str, Any]], Any]
+    layers: Mapping[str, Layer]
+
+
+_FUSIONS: dict[str, FusionEntry] = {}
+
+
+def register(name: str, *, roles: tuple[str, ...], label: str | None = None,
+             layers: Mapping[str, Layer] | None = None) -> Callable[[Callable], Callable]:
+    """Register `fn(v, layers) -> (B, d)` as fusion `name` over `roles` (each a known role).
+    `label` is how reports name a run over it (default: the name)."""
+
+    def deco(fn: Callable) -> Callable:
         if name in _FUSIONS:
-            raise ValueError(f"fusion {name!r} is registered twice; known: {', '.join(sorted(_FUSIONS))}")
-        unknown = [r for r in cls.roles if r not in ROLES]
-        if not cls.roles or unknown:
-            raise ValueError(f"fusion {name!r} declares roles {cls.roles}; each must be one of {', '.join(ROLES)}")
-        cls.name = name
-        cls.label = label or name
-        _FUSIONS[name] = cls
-        return cls
+            raise ValueError(f"fusion {name!r} is registered twice; known: {', '.join(_FUSIONS)}")
+        unknown = [r for r in roles if r not in ROLES]
+        if not roles or unknown:
+            raise ValueError(f"fusion {name!r} declares roles {roles}; each must be one of {', '.join(ROLES)}")
+        _FUSIONS[name] = FusionEntry(name, tuple(roles), label or name, fn, dict(layers or {}))
+        return fn
 
     return deco
 
@@ -50,7 +71,7 @@ def available() -> list[str]:
     return list(_FUSIONS)
 
 
-def fusion_class(name: str) -> type[Fusion]:
+def fusion_entry(name: str) -> FusionEntry:
     if name not in _FUSIONS:
         raise PipelineError(f"unknown fusion {name!r}; known: {', '.join(_FUSIONS)}")
     return _FUSIONS[name]
@@ -58,95 +79,50 @@ def fusion_class(name: str) -> type[Fusion]:
 
 def roles_of(name: str) -> tuple[str, ...]:
     """The feature roles fusion `name` needs, e.g. ("text", "image")."""
-    return fusion_class(name).roles
+    return fusion_entry(name).roles
 
 
 def label_of(name: str) -> str:
     """How reports name fusion `name`, e.g. "text+image (hadamard)"."""
-    return fusion_class(name).label
+    return fusion_entry(name).label
 
 
-def create_fusion(name: str, dim: int) -> Fusion:
-    return fusion_class(name)(dim)
+def create_fusion(name: str, dim: int) -> nn.Module:
+    """The fusion as a torch module: {role: (B, d)} -> (B, d), its layers of width `dim`."""
+    from rankers.fusion_module import FusionModule
+
+    return FusionModule(fusion_entry(name), dim)
 
 
-class Fusion(nn.Module):
-    """{role: (B, d)} -> (B, d) for the roles in `roles`."""
-
-    name: str = ""
-    label: str = ""
-    roles: tuple[str, ...] = ()
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def check(self, vectors: dict[str, torch.Tensor]) -> None:
-        missing = [r for r in self.roles if r not in vectors]
-        if missing:
-            raise ValueError(f"fusion {self.name!r} needs roles {self.roles}; missing {missing}")
+# ----------------------------------------------------------------------------- built-ins
 
 
-class _Single(Fusion):
-    def forward(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.check(vectors)
-        return vectors[self.roles[0]]
+def _passthrough(role: str) -> Callable:
+    def single(v: Mapping[str, Tensor], layers: Mapping[str, nn.Module]) -> Tensor:
+        return v[role]  # (B, d)
+
+    return single
 
 
-@register("text")
-class TextOnly(_Single):
-    roles = ("text",)
+for _role in ROLES:
+    register(_role, roles=(_role,))(_passthrough(_role))
 
 
-@register("image")
-class ImageOnly(_Single):
-    roles = ("image",)
+@register("hadamard", roles=("text", "image"), label="text+image (hadamard)",
+          layers={"text": Layer(), "image": Layer()})
+def hadamard(v: Mapping[str, Tensor], layers: Mapping[str, nn.Module]) -> Tensor:
+    return layers["text"](v["text"]) * layers["image"](v["image"])  # (B, d)
 
 
-@register("blip")
-class BlipOnly(_Single):
-    roles = ("blip",)
+@register("concat", roles=("text", "image"), label="text+image (concat)",
+          layers={"text": Layer(), "image": Layer(bias=False)})
+def concat(v: Mapping[str, Tensor], layers: Mapping[str, nn.Module]) -> Tensor:
+    return layers["text"](v["text"]) + layers["image"](v["image"])  # W [t; i] + b: (B, d)
 
 
-@register("hadamard", label="text+image (hadamard)")
-class Hadamard(Fusion):
-    roles = ("text", "image")
-
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.proj = nn.ModuleDict({r: nn.Linear(dim, dim) for r in self.roles})
-
-    def forward(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.check(vectors)
-        out = self.proj[self.roles[0]](vectors[self.roles[0]])  # (B, d)
-        for role in self.roles[1:]:
-            out = out * self.proj[role](vectors[role])  # (B, d)
-        return out
-
-
-@register("concat", label="text+image (concat)")
-class Concat(Fusion):
-    roles = ("text", "image")
-
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.proj = nn.Linear(dim * len(self.roles), dim)
-
-    def forward(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.check(vectors)
-        return self.proj(torch.cat([vectors[r] for r in self.roles], dim=-1))  # (B, 2d) -> (B, d)
-
-
-@register("gated", label="text+image (gated)")
-class Gated(Fusion):
-    roles = ("text", "image")
-
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.gate = nn.Linear(2 * dim, dim)
-
-    def forward(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-        self.check(vectors)
-        t, i = vectors["text"], vectors["image"]  # (B, d) each
-        g = torch.sigmoid(self.gate(torch.cat([t, i], dim=-1)))  # (B, d)
-        return g * t + (1 - g) * i
+@register("gated", roles=("text", "image"), label="text+image (gated)",
+          layers={"text": Layer(), "image": Layer(bias=False)})
+def gated(v: Mapping[str, Tensor], layers: Mapping[str, nn.Module]) -> Tensor:
+    t, i = v["text"], v["image"]  # (B, d) each
+    g = (layers["text"](t) + layers["image"](i)).sigmoid()  # (B, d)
+    return g * t + (1 - g) * i

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from rankers.attention import AdditiveAttention, MaskedSelfAttention
 from rankers.base import ROLES, FitReport
 from rankers.data import Impressions, NewsFeatures, carve_validation, load_features, load_impressions
-from rankers.fusion import Fusion, available, create_fusion, register
+from rankers.fusion import Layer, available, create_fusion, label_of, register, roles_of
 from storage.errors import PipelineError
 from rankers.metrics import evaluate
 from rankers.nrms import NRMS, NRMSConfig
@@ -105,9 +105,42 @@ def test_fusion_registry_names_known_fusions():
     for name in ("hadamard", "concat", "gated", "text", "image", "blip"):
         assert name in str(err.value)
     with pytest.raises(ValueError, match="registered twice.*hadamard"):
-        register("hadamard")(type("Again", (Fusion,), {"roles": ("text",)}))
+        register("hadamard", roles=("text",))(lambda v, layers: v["text"])
     with pytest.raises(ValueError, match="roles"):
-        register("odd")(type("Odd", (Fusion,), {"roles": ("audio",)}))
+        register("odd", roles=("audio",))(lambda v, layers: v["audio"])
+    assert roles_of("hadamard") == ("text", "image") and label_of("hadamard") == "text+image (hadamard)"
+
+
+def test_a_fusion_is_one_registered_function(monkeypatch):
+    """What adding a fusion takes: one function with its roles and layers; the module, its
+    parameters and its place in every registry-built choice follow."""
+    import rankers.fusion as fusion
+
+    monkeypatch.setattr(fusion, "_FUSIONS", dict(fusion._FUSIONS))
+    register("sum", roles=("text", "image"), label="text+image (sum)", layers={"image": Layer(bias=False)})(
+        lambda v, layers: v["text"] + layers["image"](v["image"]))
+    module = create_fusion("sum", 4)
+    assert [n for n, _ in module.named_parameters()] == ["layers.image.weight"]
+    t, i = torch.randn(3, 4), torch.randn(3, 4)
+    expected = t + i @ module.layers["image"].weight.T
+    torch.testing.assert_close(module({"text": t, "image": i}), expected)
+    assert "sum" in available()
+    from rankers.registry import ranker_entry
+
+    assert "sum" in ranker_entry("nrms").supported_fusions()
+    assert "sum" not in ranker_entry("lightgbm").supported_fusions()
+
+
+def test_the_fusion_registry_imports_no_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from rankers.fusion import available, roles_of; print(available(), roles_of('gated')); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.splitlines()
+    assert out[1] == "False" and "hadamard" in out[0]
 
 
 def test_attention_ignores_padding_and_survives_empty_rows():
