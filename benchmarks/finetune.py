@@ -93,7 +93,7 @@ def base_extractors(titles: list[str], fusion: str) -> dict:
 
 def build(catalogue, args, naive: bool, device: str):
     """A FineTuneRanker ready to train (model, bank, optimizer) in one of the two modes."""
-    from flows.rank import TINY_FINETUNE_HEAD
+    from runs.rank import TINY_FINETUNE_HEAD
     from rankers.finetune import FineTuneConfig, FineTuneRanker
     from rankers.plmnr import FineTuneNRMS, RawNewsBank
 

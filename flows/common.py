@@ -1,43 +1,55 @@
-"""What every flow's command line shares: the storage root, the default synthetic world,
-parameter validation before any work starts, and Prefect's quiet defaults."""
+"""What every flow's command line shares: quiet Prefect defaults, parameter validation before
+any work starts, running a flow against one Prefect server, and tasks that fail with one line."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
+from runs.params import validated
 from storage.errors import PipelineError
-from storage.paths import storage_root, subdir
 
 # Before Prefect is imported anywhere: no telemetry from a research pipeline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def default_world(scale: str = "small", seed: int = 0, storage: str | Path | None = None) -> Path:
-    """The synthetic world `<storage>/data/synthetic-<scale>-seed<seed>`, generated on first use."""
-    from storage.synthetic import generate_world
+def run_flow(build: Callable[[], Any], params: Any, what: str) -> Any:
+    """Build the flow and run it on `params` against the configured Prefect server or one
+    temporary server for this command; a failed run becomes a PipelineError with its message."""
+    from flows.server import prefect_api
 
-    out = subdir("data", storage) / f"synthetic-{scale}-seed{seed}"
-    generate_world(out, scale=scale, seed=seed)
-    return out
+    with prefect_api():
+        state = build()(params, return_state=True)
+        if state.is_failed() or state.is_crashed():
+            raise PipelineError(state.message or f"{what} failed")
+        return state.result()
 
 
-def validated(model: type[BaseModel], values: dict, options: dict[str, str] | None = None) -> BaseModel:
-    """Build a params model; a validation error becomes one readable line per field.
-    `options` maps field names to their command-line option where the two differ."""
-    options = options or {}
+def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call the run layer from a task: a user-fixable problem (PipelineError, or an OSError such
+    as a full disk or a read-only folder) ends the task Failed with its one-line message
+    instead of a traceback in the logs."""
+    from prefect.states import Failed
+
     try:
-        return model(**values)
-    except ValidationError as err:
-        def option(loc: tuple) -> str:
-            field = str(loc[0]) if loc else ""
-            return "--" + options.get(field, field).replace("_", "-")
-
-        problems = "; ".join(f"{option(e['loc'])}: {e['msg']}" for e in err.errors())
-        raise PipelineError(f"invalid options: {problems}") from None
+        return fn(*args, **kwargs)
+    except PipelineError as err:
+        return Failed(message=str(err))
+    except OSError as err:
+        return Failed(message=os_error_line(err))
 
 
-__all__ = ["default_world", "validated", "storage_root", "subdir"]
+def os_error_line(err: OSError) -> str:
+    """An OSError as one line naming the path and what to do."""
+    from storage import errors
+
+    describe = getattr(errors, "describe_os_error", None)
+    if describe is not None:
+        return describe(err)
+    where = f" {err.filename}" if getattr(err, "filename", None) else ""
+    return f"{err.strerror or err}:{where}"
+
+
+__all__ = ["guarded", "os_error_line", "run_flow", "validated"]

@@ -17,7 +17,7 @@ import numpy as np
 from storage.catalogue import Catalogue
 from storage.errors import PipelineError
 from storage.features import FeatureStore
-from storage.mind import Behaviors, News, load_split
+from storage.mind import Behaviors, News, load_split, read_behaviors
 
 DAY = 86_400
 HISTORY = 50  # NRMS / PLM-NR keep the most recent 50 clicks
@@ -117,9 +117,15 @@ def to_catalogue(behaviors: Behaviors, news: News, catalogue: Catalogue, name: s
 
 
 def load_impressions(data_dir: str | Path, split: str, catalogue: Catalogue) -> Impressions:
-    """`<data_dir>/<split>` as Impressions over the catalogue."""
-    loaded = load_split(Path(data_dir) / split)
-    return to_catalogue(loaded.behaviors, loaded.news, catalogue, split)
+    """`<data_dir>/<split>` as Impressions over the catalogue. The split's news.tsv is the one
+    the catalogue already parsed (when it was read from this folder), so it is read once."""
+    news = catalogue.split_news.get(split)
+    folder = Path(data_dir) / split
+    if news is None or Path(news.path).resolve() != (folder / "news.tsv").resolve():
+        loaded = load_split(folder)
+        return to_catalogue(loaded.behaviors, loaded.news, catalogue, split)
+    behaviors = read_behaviors(folder / "behaviors.tsv", news.index)
+    return to_catalogue(behaviors, news, catalogue, split)
 
 
 def carve_validation(train: Impressions, days: int = 1) -> tuple[Impressions, Impressions]:

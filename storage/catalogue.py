@@ -48,6 +48,7 @@ class Catalogue:
     titles_file: Path | None = None  # the enhanced titles that replaced the originals, if any
     titles_digest: str = ""  # sha256 of those titles (ids and texts)
     enhanced: int = 0  # news whose title the file replaced
+    split_news: Mapping[str, News] = dataclasses.field(default_factory=dict)  # split -> its parsed news.tsv
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -112,6 +113,7 @@ def load_catalogue(data_dir: str | Path, image_dir: str | Path | None = None, na
     if not files:
         raise PipelineError(f"{root} holds no news.tsv (looked in {', '.join(SPLITS)} and the folder itself)")
     tables = [read_news(f) for f in files]
+    split_news = {f.parent.name: t for f, t in zip(files, tables) if f.parent != root}
     rows: dict[str, tuple[News, int]] = {}
     for table in tables:
         for i, news_id in enumerate(table.ids):
@@ -143,6 +145,7 @@ def load_catalogue(data_dir: str | Path, image_dir: str | Path | None = None, na
         image_dir=images_root if images_root.is_dir() else None,
         images=with_image,
         image_sizes=tuple(sizes),
+        split_news=split_news,
     )
     if titles is None:
         return catalogue

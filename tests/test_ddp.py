@@ -146,16 +146,18 @@ def run_bounded(command: list[str], env: dict, timeout: float) -> subprocess.Com
 
 @pytest.mark.slow
 def test_two_processes_under_torchrun_match_one_process(tiny_world, tmp_path):
-    from flows.rank import RankParams, run_rank
     from flows.rank_ddp import prepare
+    from runs.params import RankParams
+    from runs.rank import run_rank
     from rankers.data import load_features, load_impressions
     from rankers.train import NRMSRanker
     from storage.catalogue import load_catalogue
 
     options = dict(data=tiny_world, features=["bert", "vit"], fusion="hadamard", device="cpu", epochs=3,
                    dropout=0.0, storage=tmp_path, progress=False)
-    _, stores = prepare(RankParams(**options))  # extracted once, here; both runs reuse the stores
-    one = Path(run_rank(RankParams(**options, run_name="one"), tiny_world).folder)
+    prepare(RankParams(**options))  # extracted once, here; both runs reuse the stores
+    one = Path(run_rank(RankParams(**options, run_name="one")).folder)
+    stores = json.loads((one / "run.json").read_text())["stores"]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MMNEWS_STORAGE": str(tmp_path)}
     args = ["--data", str(tiny_world), "--features", "bert,vit", "--fusion", "hadamard", "--device", "cpu",

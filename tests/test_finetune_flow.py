@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.rank import CHECKPOINTS, RankParams, finetune_config, run_rank
+from runs.params import RankParams
+from runs.rank import CHECKPOINTS, finetune_config, run_rank
 from storage.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def storage(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tuned(tiny_world, storage):
     params = RankParams(data=tiny_world, finetune=True, epochs=1, storage=storage, progress=False)
-    return params, run_rank(params, tiny_world)
+    return params, run_rank(params)
 
 
 def test_finetune_writes_what_a_frozen_run_writes_plus_checkpoints_and_stores(tiny_world, storage, tuned):
@@ -56,18 +57,18 @@ def test_a_rerun_resumes_from_the_run_folders_checkpoints(tiny_world, storage, t
     # A run killed after its epoch's checkpoint, before its outputs: only checkpoints remain.
     for name in ("model.safetensors", "metrics.json", "run.json", "scores_dev.npy"):
         (folder / name).unlink()
-    again = run_rank(params, tiny_world)
+    again = run_rank(params)
     assert again.resumed_from == 1 and again.fit["epochs"] == 1  # nothing left to train
     assert again.dev_metrics == first.dev_metrics and (folder / "model.safetensors").is_file()
     assert json.loads((folder / "run.json").read_text())["finetune"]["resumed_from_epoch"] == 1
-    longer = run_rank(params.model_copy(update={"epochs": 2}), tiny_world)
+    longer = run_rank(params.model_copy(update={"epochs": 2}))
     assert longer.resumed_from == 1 and [row["epoch"] for row in longer.fit["history"]] == [1, 2]
     assert longer.folder == first.folder
 
 
 def test_lightgbm_reads_the_finetuned_store(tiny_world, storage, tuned):
     params = RankParams(data=tiny_world, ranker="lightgbm", features=["bert@finetuned"], storage=storage, progress=False)
-    outcome = run_rank(params, tiny_world)
+    outcome = run_rank(params)
     assert Path(outcome.folder).name == "tiny__lightgbm__text__bert-finetuned"
     store = outcome.stores["text"]
     assert store["mode"] == "finetuned" and store["path"].endswith("tiny__bert-tiny__finetuned.h5")
@@ -76,20 +77,21 @@ def test_lightgbm_reads_the_finetuned_store(tiny_world, storage, tuned):
     missing = RankParams(data=tiny_world, ranker="lightgbm", features=["bert@finetuned"], storage=storage / "other",
                          progress=False)
     with pytest.raises(PipelineError, match="no fine-tuned store of bert.*--finetune --features bert"):
-        run_rank(missing, tiny_world)
+        run_rank(missing)
 
 
 def test_mtrec_ablation_switches_reach_the_training(tiny_world, tmp_path):
     params = RankParams(data=tiny_world, finetune=True, mtrec=True, surgery=False, ner=False, epochs=1,
                         storage=tmp_path, progress=False)
-    outcome = run_rank(params, tiny_world)
+    outcome = run_rank(params)
     assert Path(outcome.folder).name == "tiny__mtrec-no-ner-no-surgery__text__bert"
     assert outcome.mtrec == {"category": True, "ner": False, "surgery": False, "weight": pytest.approx(0.3)}
     row = outcome.fit["history"][0]
     assert "loss_category" in row and "loss_ner" not in row and "surgery_projected" not in row
 
 
-def test_finetune_config_scales(tiny_world):
+def test_finetune_config_scales(tiny_world, monkeypatch):
+    monkeypatch.setattr("runs.params.check_checkpoint", lambda spec: None)  # /models/bert-base is not here
     tiny = finetune_config(RankParams(finetune=True), {"text": "bert"})
     assert (tiny.ranker.dim, tiny.ranker.lr, tiny.accumulate, tiny.ranker.epochs) == (32, 3e-3, 1, 3)
     real = finetune_config(RankParams(finetune=True, features=["bert:/models/bert-base"]),
@@ -127,7 +129,7 @@ def test_finetune_with_enhanced_titles_trains_on_them(tiny_world, tmp_path):
     titles = tmp_path / "titles.tsv"
     titles.write_text("".join(f"{n}\t{c} {t}\n" for n, t, c in zip(cat.ids, cat.title, cat.category)))
     outcome = run_rank(RankParams(data=tiny_world, finetune=True, titles=titles, epochs=1, storage=tmp_path,
-                                  progress=False), tiny_world)
+                                  progress=False))
     enhanced = load_catalogue(tiny_world, titles=titles)
     assert Path(outcome.folder).name == f"{enhanced.name}__nrms-finetune__text__bert" and outcome.titles == str(titles)
     assert Path(outcome.stores["text"]["path"]).name == f"{enhanced.name}__bert-tiny__finetuned.h5"

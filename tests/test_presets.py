@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.compare import ENHANCED, CompareParams, plan
-from flows.presets import EXP1, EXP2, EXP3, EXP4, FROZEN_TEXT, PRESETS, PUBLISHED_FINETUNE, TUNED_BERT
+from runs.compare import ENHANCED, plan
+from runs.params import CompareParams
+from runs.presets import EXP1, EXP2, EXP3, EXP4, FROZEN_TEXT, PRESETS, PUBLISHED_FINETUNE, TUNED_BERT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,9 @@ def test_zhao2024_plans_the_four_experiments_with_random(tiny_world):
     assert tuned_text.lr is None and tuned_text.accumulate is None and tuned_text.epochs == 3
 
 
-def test_real_checkpoints_get_the_published_hyperparameters(tiny_world):
+def test_real_checkpoints_get_the_published_hyperparameters(tiny_world, monkeypatch):
+    # Planning only: the checkpoints need not exist here (their checks have tests of their own).
+    monkeypatch.setattr("runs.params.check_checkpoint", lambda spec: None)
     params = CompareParams(data=tiny_world, preset="plm-nr", text="bert:/models/bert-base-uncased",
                            distil="bert:/models/distilbert-base-uncased", epochs=4, finetune_epochs=2)
     runs = _by_label(plan(params, tiny_world))
@@ -81,6 +84,7 @@ def test_mtrec_plans_each_ablation(tiny_world):
 
 def test_titles_add_a_paired_twin_of_every_run_that_reads_titles(tiny_world, tmp_path):
     titles = tmp_path / "titles.tsv"
+    titles.touch()
     params = CompareParams(data=tiny_world, rankers=["lightgbm"], sources=["text", "image", "hadamard"],
                            baselines=["random"], titles=titles)
     runs = _by_label(plan(params, tiny_world))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.rank import RankParams, run_rank
+from runs.params import RankParams
+from runs.rank import run_rank
 from flows.score import score_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def world(tiny_world) -> Path:
 @pytest.mark.parametrize("ranker, fusion, features", [("lightgbm", "hadamard", ["bert", "vit"]), ("popularity", "text", ["bert"])])
 def test_prediction_file_scores_as_reported(world, tmp_path, ranker, fusion, features):
     params = RankParams(data=world, ranker=ranker, fusion=fusion, features=features, storage=tmp_path, progress=False)
-    outcome = run_rank(params, world)
+    outcome = run_rank(params)
     folder = Path(outcome.folder)
     for name in ("prediction_dev.txt", "prediction_test.txt", "metrics.json", "run.json"):
         assert (folder / name).is_file(), name
@@ -50,13 +51,16 @@ def test_prediction_file_scores_as_reported(world, tmp_path, ranker, fusion, fea
 def test_fusion_without_its_features_is_a_clear_error(world, tmp_path):
     from storage.errors import PipelineError
 
-    params = RankParams(data=world, ranker="lightgbm", fusion="hadamard", features=["bert"], storage=tmp_path, progress=False)
-    with pytest.raises(PipelineError, match="needs features for image; add vit"):
-        run_rank(params, world)
+    from pydantic import ValidationError
+
+    # Refused when the parameters are validated, before any work.
+    with pytest.raises(ValidationError, match="needs features for image; add vit"):
+        RankParams(data=world, ranker="lightgbm", fusion="hadamard", features=["bert"], storage=tmp_path, progress=False)
 
 
 def test_compare_flow_writes_every_report_file(world, tmp_path, prefect_harness):
-    from flows.compare import CompareParams, build_flow
+    from flows.compare import build_flow
+    from runs.params import CompareParams
 
     params = CompareParams(
         data=world, storage=tmp_path, epochs=2, n_boot=200, name="tiny-report", progress=False,
@@ -87,7 +91,7 @@ def test_compare_flow_writes_every_report_file(world, tmp_path, prefect_harness)
 
 
 def test_oracle_share_is_the_lift_over_random_relative_to_the_oracle():
-    from flows.compare import add_oracle_share
+    from runs.compare import add_oracle_share
 
     runs = [{"name": n, "metrics": {"auc": {"value": v}}} for n, v in (("random", 0.5), ("oracle", 0.8), ("a", 0.65))]
     add_oracle_share(runs)
@@ -108,15 +112,15 @@ def test_a_complete_store_is_used_without_building_the_extractor(world, tmp_path
     import extractors.registry
 
     params = RankParams(data=world, ranker="lightgbm", fusion="text", features=["bert"], storage=tmp_path, progress=False)
-    first = run_rank(params, world)
+    first = run_rank(params)
 
     def no_build(*args, **kwargs):
         raise AssertionError("the extractor was built although its store is complete")
 
     monkeypatch.setattr(extractors.registry, "create", no_build)
-    again = run_rank(params, world)
+    again = run_rank(params)
     assert again.dev_metrics == first.dev_metrics
     # Asking NRMS for token vectors still finds the store: the flow extracts with tokens.
     tokens = RankParams(data=world, ranker="nrms", fusion="text", features=["bert"], tokens=True, epochs=1,
                         storage=tmp_path, progress=False)
-    assert run_rank(tokens, world).fit["epochs"] == 1
+    assert run_rank(tokens).fit["epochs"] == 1

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from rankers.stats import METRICS, slice_metrics
-from storage.reports import ReportError, headline, render_markdown, thesis_table, write_report
+from runs.render import headline, render_markdown, thesis_table
+from runs.report import ReportError, write_report
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "wbr"}
 
@@ -228,7 +229,7 @@ def test_a_report_from_rankers_stats_is_written(tmp_path):
     (lambda r: r.pop("title"), "report: missing key 'title'"),
     (lambda r: r["runs"][1].pop("metrics"), "report[\"runs\"][1] ('text+image (hadamard)'): missing key 'metrics'"),
     (lambda r: r["runs"][0]["metrics"].pop("ndcg@10"), "missing key 'ndcg@10'"),
-    (lambda r: r["runs"][0]["metrics"]["auc"].pop("lo"), "[\"metrics\"]['auc']: missing key 'lo'"),
+    (lambda r: r["runs"][0]["metrics"]["auc"].pop("lo"), "[\"metrics\"][\"auc\"]: missing key 'lo'"),
     (lambda r: r["paired"]["image"]["mrr"].pop("p"), "missing key 'p'"),
     (lambda r: r.update(reference="bert"), "'bert' is not a run"),
     (lambda r: r["paired"].update(nope=r["paired"]["image"]), "'nope' is not a run"),

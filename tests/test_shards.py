@@ -224,7 +224,7 @@ def test_shard_task_retries_disk_errors_only(tmp_path, prefect_harness, monkeypa
     monkeypatch.setattr(fx, "RETRY_DELAY_S", 0)
     calls = []
 
-    def flaky(spec, params, data, shard):
+    def flaky(spec, params, shard):
         calls.append(spec)
         if spec == "io" and len(calls) == 1:
             raise StoreIOError("disk hiccup")
@@ -232,13 +232,13 @@ def test_shard_task_retries_disk_errors_only(tmp_path, prefect_harness, monkeypa
             raise PipelineError("a user-fixable problem")
         return {"extractor": spec}
 
-    monkeypatch.setattr(fx, "run_extractor", flaky)
+    monkeypatch.setattr("runs.extract.shard_row", flaky)
     _, shard_one, _ = fx.shard_tasks()
     shard = Shard(0, 1, 0, 1, tmp_path / "s.h5")
 
     @flow
     def one(spec: str):
-        state = shard_one(spec, fx.ExtractParams(), tmp_path, shard, return_state=True)
+        state = shard_one(spec, fx.ExtractParams(), shard, return_state=True)
         return (True, state.message) if state.is_failed() else (False, state.result())
 
     assert one("io") == (False, {"extractor": "io"}) and calls == ["io", "io"]
@@ -249,7 +249,8 @@ def test_shard_task_retries_disk_errors_only(tmp_path, prefect_harness, monkeypa
 def test_flow_with_two_dask_workers_computes_the_missing_shard_and_merges(
     tiny_world, catalogue, reference, tmp_path, prefect_harness
 ):
-    from flows.extract import ExtractParams, build_flow, summary_markdown
+    from flows.extract import ExtractParams, build_flow
+    from runs.extract import summary_markdown
 
     features = tmp_path / "features"
     params = ExtractParams(data=tiny_world, extractors=["bert"], shards=2, batch_size=BATCH, chunk_rows=CHUNK,
@@ -276,12 +277,15 @@ def test_flow_with_two_dask_workers_computes_the_missing_shard_and_merges(
 
 
 def test_scheduler_without_shards_or_unreachable_is_refused():
-    from flows.extract import ExtractParams, preflight
+    from pydantic import ValidationError
 
-    with pytest.raises(PipelineError, match="--scheduler needs --shards 2 or more"):
-        preflight(ExtractParams(scheduler="tcp://127.0.0.1:8786", extractors=["bert"]))
+    from runs.extract import reach_scheduler
+    from runs.params import ExtractParams
+
+    with pytest.raises(ValidationError, match="--scheduler needs --shards 2 or more"):
+        ExtractParams(scheduler="tcp://127.0.0.1:8786", extractors=["bert"])
     with pytest.raises(PipelineError, match=r"no Dask scheduler answers at tcp://127.0.0.1:1 .*leave --scheduler out"):
-        preflight(ExtractParams(scheduler="tcp://127.0.0.1:1", shards=2, extractors=["bert"]))
+        reach_scheduler(ExtractParams(scheduler="tcp://127.0.0.1:1", shards=2, extractors=["bert"]).scheduler)
 
 
 @pytest.mark.slow

@@ -86,7 +86,9 @@ def test_enhanced_titles_make_another_catalogue(tiny_world, tmp_path, catalogue)
 
 
 def test_enhanced_title_stores_sit_beside_the_original(tiny_world, tmp_path, catalogue):
-    from flows.extract import ExtractParams, run_extractor
+    from runs.extract import extract_rows
+    from runs.params import ExtractParams
+    from runs.workspace import Workspace
     from storage.features import FeatureStore
 
     path = _write(tmp_path / "t.tsv", "".join(f"{n}\t{t} {c}\n" for n, t, c in
@@ -94,7 +96,7 @@ def test_enhanced_title_stores_sit_beside_the_original(tiny_world, tmp_path, cat
     rows = {}
     for titles in (None, path):
         params = ExtractParams(data=tiny_world, titles=titles, extractors=["bert"], storage=tmp_path, progress=False)
-        rows[titles] = run_extractor("bert", params, tiny_world)
+        rows[titles] = extract_rows(params, Workspace(tmp_path), "bert")
     original, enhanced = Path(rows[None]["store"]), Path(rows[path]["store"])
     assert original != enhanced and original.is_file() and enhanced.is_file()
     assert enhanced.name.startswith(f"{catalogue.name}-enhanced-")
@@ -103,6 +105,6 @@ def test_enhanced_title_stores_sit_beside_the_original(tiny_world, tmp_path, cat
     with FeatureStore.open(enhanced, expected_fingerprint=load_catalogue(tiny_world, titles=path).fingerprint()):
         pass
     # The original store is still the original catalogue's, and reused as it is.
-    again = run_extractor("bert", ExtractParams(data=tiny_world, extractors=["bert"], storage=tmp_path,
-                                                progress=False), tiny_world)
+    again = extract_rows(ExtractParams(data=tiny_world, extractors=["bert"], storage=tmp_path, progress=False),
+                         Workspace(tmp_path), "bert")
     assert again["cached"] and again["store"] == str(original)

@@ -3,7 +3,7 @@
 A preset is a list of runs (ranker kind, fusion, frozen or fine-tuned, which extractor spec
 feeds each role, MTRec's switches, hyperparameters), which run each is paired with in the
 report, the baselines, and the published numbers printed beside ours in the thesis-format
-table. flows.compare turns a preset into flows.rank runs (`compare.plan`) and one report.
+table. runs.compare turns a preset into ranking runs (`plan`) and one report.
 
 - `plm-nr`: NRMS over frozen BERT token vectors, then NRMS + BERT fine-tuned end to end
   (PLM-NR), and NRMS + DistilBERT fine-tuned when `--distil bert:CKPT` names a DistilBERT
@@ -163,7 +163,7 @@ def get_preset(name: str) -> Preset:
 def thesis_markdown(report: dict, preset: Preset) -> str:
     """thesis.md: our runs (random first, then the preset's order) in the thesis's table
     format beside the published rows, then the same runs with our intervals."""
-    from storage.reports import LABELS, METRICS, thesis_table
+    from runs.render import LABELS, METRICS, thesis_table
 
     by_name = {r["name"]: r for r in report["runs"]}
     order = [b for b in preset.baselines if b in by_name] + [r.label for r in preset.runs if r.label in by_name]

@@ -1,54 +1,11 @@
-"""The comparison report: markdown, a self-contained HTML page, metrics.json and plots.
+"""How a comparison report looks: Markdown, a self-contained HTML page, and PNG plots.
 
-`write_report(folder, report)` writes into `folder`:
-- `report.md`: a headline answering "do images help?" from the paired intervals, the
-  main table, paired differences, slices, the thesis-format table, plots, config, notes;
-- `report.html`: the same as one page with inline CSS and no external resources (plots
-  by relative path);
-- `metrics.json`: the report dict as JSON (NaN and inf become null);
-- `metrics.png` (every run's four metrics with intervals), `deltas.png` (paired
-  differences from the reference run per slice; only with a run to compare) and
-  `cost.png` (training time per run; only when some run has one).
-
-The report dict (what `rankers.stats` computes, plus what the flow knows):
-
-    {
-      "title": str,
-      "created": str (ISO time) | datetime,
-      "dataset": {"name": str, ...any other scalars shown as they are},
-      "reference": str,                       # name of the text-only run
-      "runs": [                               # at least one; names unique
-        {"name": str, "ranker": str, "sources": [str, ...],
-         "metrics": {metric: {"value", "lo", "hi"}},      # all four of METRICS
-         "impressions": int,                              # scored impressions
-         # optional:
-         "fusion": str | None, "train_seconds": float | None,
-         "train_impressions_per_s": float | None, "notes": str | None},
-      ],
-      "paired": {run: {metric: {"diff", "lo", "hi", "p"}}},  # run - its reference, others only
-      # optional: a run's own reference where it is not "reference" (e.g. the text-only
-      # run of the same ranker, so LightGBM runs are compared with LightGBM text):
-      "references": {run: reference_run},
-      # optional:
-      "slices": {slice: {run: {"n": int, "skipped": int (optional),
-                               "metrics": {metric: {"value", "lo", "hi"}},
-                               "delta": {metric: {"diff", "lo", "hi", "p"}} | None}}},
-      "baselines": [{"name": str, "metrics": {metric: float | {"value"}}, "source": str}],
-      "bootstrap": {"n_boot": int, "level": float, "seed": int},
-      "notes": [str, ...],
-      "config": {...},                        # any JSON-able dict, shown as JSON
-    }
-
-metric is one of "auc", "mrr", "ndcg@5", "ndcg@10"; values are fractions (0.6123), and
-None or NaN where undefined (an empty slice). `paired` and each slice's "delta" compare a
-run with the reference on the same impressions: "diff" = run - reference, "p" the share of
-bootstrap resamples with diff <= 0. A difference is called significant when its interval
-excludes 0. The headline reads the AUC differences of the runs whose sources strictly
-contain the reference's (text + image against text); an image-only run does not answer
-the question, and without any such run the headline says so.
-
-A malformed report raises `ReportError` naming the key path, e.g.
-`report["runs"][1] ('text+image'): missing key 'metrics'`.
+The report's content and file format are runs.report's typed models; rendering reads a
+validated report as plain data (`Report.model_dump()`), so a notebook can render any dict
+that validates. The headline reads the AUC differences of the runs whose sources strictly
+contain their reference's (text + image against text); an image-only run does not answer
+the question, and without any such run the headline says so. A difference is significant
+when its interval excludes 0.
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend).
 """
@@ -59,181 +16,22 @@ import datetime as _dt
 import html
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
 LABELS = {"auc": "AUC", "mrr": "MRR", "ndcg@5": "nDCG@5", "ndcg@10": "nDCG@10"}
-RUN_KEYS = ("name", "ranker", "sources", "metrics", "impressions")
-TOP_KEYS = ("title", "created", "dataset", "reference", "runs", "paired")
-VALUE_KEYS = ("value", "lo", "hi")
-DELTA_KEYS = ("diff", "lo", "hi", "p")
 DASH = "—"
 FEW = "too few impressions for an interval"
 
-FILES = {
-    "markdown": "report.md",
-    "html": "report.html",
-    "json": "metrics.json",
-    "metrics_plot": "metrics.png",
-    "deltas_plot": "deltas.png",
-    "cost_plot": "cost.png",
-}
 
+def as_data(report) -> Mapping:
+    """A report (runs.report.Report or a dict that validates as one) as plain validated data."""
+    from runs.report import Report
 
-class ReportError(ValueError):
-    """The report dict does not follow the schema in this module's docstring."""
-
-
-# ---------------------------------------------------------------------------- writing
-
-
-def write_report(folder: str | os.PathLike[str], report: Mapping) -> dict[str, Path]:
-    """Validate `report` and write report.md, report.html, metrics.json and the plots.
-
-    Returns {"markdown", "html", "json", "metrics_plot", and where drawn "deltas_plot",
-    "cost_plot"} -> path. Files are replaced atomically.
-    """
-    validate_report(report)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    plots: dict[str, str] = {}
-    for key, draw in (("metrics_plot", _plot_metrics), ("deltas_plot", _plot_deltas),
-                      ("cost_plot", _plot_cost)):
-        fig = draw(report)
-        if fig is not None:
-            path = folder / FILES[key]
-            tmp = path.with_name(f".{path.name}.tmp")
-            fig.savefig(tmp, format="png", dpi=fig.dpi)
-            os.replace(tmp, path)
-            written[key] = path
-            plots[key] = path.name
-    written["markdown"] = _write_text(folder / FILES["markdown"], render_markdown(report, plots))
-    written["html"] = _write_text(folder / FILES["html"], render_html(report, plots))
-    text = json.dumps(_jsonable(report), indent=2, ensure_ascii=False, allow_nan=False)
-    written["json"] = _write_text(folder / FILES["json"], text + "\n")
-    return written
-
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
-def _jsonable(obj: object) -> object:
-    """Plain JSON types: numpy to Python, NaN/inf to None, datetimes to ISO strings."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return [_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (_dt.datetime, _dt.date)):
-        return obj.isoformat()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    raise ReportError(f"cannot write {type(obj).__name__} {obj!r} to JSON; use numbers, strings, lists, dicts")
-
-
-# ---------------------------------------------------------------------------- validation
-
-
-def validate_report(report: Mapping) -> None:
-    """Raise ReportError naming the first key that is missing or of the wrong kind."""
-    _need_keys(report, TOP_KEYS, "report", "a report")
-    _need_type(report["title"], str, 'report["title"]')
-    _need_type(report["created"], (str, _dt.datetime, _dt.date), 'report["created"]')
-    _need_keys(report["dataset"], ("name",), 'report["dataset"]', "the dataset")
-    runs = report["runs"]
-    if not isinstance(runs, Sequence) or isinstance(runs, str) or not runs:
-        raise ReportError('report["runs"] must be a non-empty list of run dicts')
-    names: list[str] = []
-    for i, run in enumerate(runs):
-        where = f'report["runs"][{i}]'
-        if isinstance(run, Mapping) and "name" in run:
-            where += f" ({run['name']!r})"
-        _need_keys(run, RUN_KEYS, where, "a run")
-        if run["name"] in names:
-            raise ReportError(f"{where}: the run name {run['name']!r} is used twice; names must be unique")
-        names.append(run["name"])
-        sources = run["sources"]
-        if isinstance(sources, str) or not isinstance(sources, Sequence):
-            raise ReportError(f'{where}["sources"]: expected a list of source names such as ["text", "image"]')
-        _need_values(run["metrics"], VALUE_KEYS, f'{where}["metrics"]')
-    if report["reference"] not in names:
-        raise ReportError(f'report["reference"] = {report["reference"]!r} is not a run; the runs are {names}')
-    paired = report["paired"]
-    _need_type(paired, Mapping, 'report["paired"]')
-    for name, delta in paired.items():
-        _need_run(name, names, f'report["paired"][{name!r}]')
-        _need_values(delta, DELTA_KEYS, f'report["paired"][{name!r}]')
-    references = report.get("references") or {}
-    _need_type(references, Mapping, 'report["references"]')
-    for name, ref in references.items():
-        _need_run(name, names, f'report["references"][{name!r}]')
-        _need_run(ref, names, f'report["references"][{name!r}] -> {ref!r}')
-    slices = report.get("slices") or {}
-    _need_type(slices, Mapping, 'report["slices"]')
-    for sname, by_run in slices.items():
-        _need_type(by_run, Mapping, f'report["slices"][{sname!r}]')
-        for name, entry in by_run.items():
-            where = f'report["slices"][{sname!r}][{name!r}]'
-            _need_run(name, names, where)
-            _need_keys(entry, ("n", "metrics"), where, "a slice entry")
-            _need_values(entry["metrics"], VALUE_KEYS, f'{where}["metrics"]')
-            if entry.get("delta") is not None:
-                _need_values(entry["delta"], DELTA_KEYS, f'{where}["delta"]')
-    for i, base in enumerate(report.get("baselines") or []):
-        _need_keys(base, ("name", "metrics"), f'report["baselines"][{i}]', "a baseline")
-    notes = report.get("notes") or []
-    if isinstance(notes, str) or not isinstance(notes, Sequence):
-        raise ReportError('report["notes"] must be a list of strings')
-    _need_type(report.get("config") or {}, Mapping, 'report["config"]')
-
-
-def _need_keys(obj: object, keys: Sequence[str], where: str, what: str) -> None:
-    if not isinstance(obj, Mapping):
-        raise ReportError(f"{where}: expected {what} dict, got {type(obj).__name__}")
-    for key in keys:
-        if key not in obj:
-            raise ReportError(
-                f"{where}: missing key {key!r}; {what} needs {', '.join(map(repr, keys))} "
-                "(see the schema in storage/reports.py)"
-            )
-
-
-def _need_type(obj: object, kind: type | tuple[type, ...], where: str) -> None:
-    if not isinstance(obj, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ReportError(f"{where}: expected {names}, got {type(obj).__name__}")
-
-
-def _need_run(name: str, names: list[str], where: str) -> None:
-    if name not in names:
-        raise ReportError(f"{where}: {name!r} is not a run; the runs are {names}")
-
-
-def _need_values(metrics: object, keys: Sequence[str], where: str) -> None:
-    _need_keys(metrics, METRICS, where, "a metrics")
-    for m in METRICS:
-        _need_keys(metrics[m], keys, f"{where}[{m!r}]", "a metric")
-        for k in keys:
-            v = metrics[m][k]
-            if v is not None and not isinstance(v, (int, float, np.number)):
-                raise ReportError(f"{where}[{m!r}][{k!r}]: expected a number or None, got {v!r}")
+    return report.model_dump() if isinstance(report, Report) else Report.parse(report).model_dump()
 
 
 # ---------------------------------------------------------------------------- formatting
@@ -446,9 +244,12 @@ def thesis_table(runs: Sequence[Mapping], digits: int = 3) -> str:
 
 def _thesis(runs: Sequence[Mapping], digits: int = 3) -> Table:
     headers = [_text("experiment")] + [_text(LABELS[m], num=True) for m in METRICS]
+    from runs.report import ReportError
+
     rows = []
     for i, run in enumerate(runs):
-        _need_keys(run, ("name", "metrics"), f"runs[{i}]", "a run")
+        if "metrics" not in run or "name" not in run:
+            raise ReportError(f"runs[{i}]: missing key {'name' if 'name' not in run else 'metrics'!r}")
         name = str(run["name"]) + (f" ({run['source']})" if run.get("source") else "")
         row = [_text(name)]
         for m in METRICS:
@@ -590,7 +391,7 @@ PLOT_CAPTIONS = {
 
 def render_markdown(report: Mapping, plots: Mapping[str, str] | None = None) -> str:
     """The report as markdown; `plots` maps "metrics_plot" etc. to relative file names."""
-    validate_report(report)
+    report = as_data(report)
     ref = report["reference"]
     level = _level(report)
     sentence, _ = headline(report)
@@ -616,7 +417,7 @@ def render_markdown(report: Mapping, plots: Mapping[str, str] | None = None) -> 
             caption = PLOT_CAPTIONS.get(key, key).format(level=level, ref=_ref_phrase(report))
             out += [f"![{caption}]({name})", ""]
     if report.get("config"):
-        config = json.dumps(_jsonable(report["config"]), indent=2, ensure_ascii=False)
+        config = json.dumps(report["config"], indent=2, ensure_ascii=False, default=str)
         out += ["## Configuration", "", "```json", config, "```", ""]
     notes = _notes(report)
     if notes:
@@ -672,7 +473,7 @@ code, pre { font-family: ui-monospace, SFMono-Regular, "DejaVu Sans Mono", Menlo
 
 def render_html(report: Mapping, plots: Mapping[str, str] | None = None) -> str:
     """The report as one self-contained HTML page (inline CSS; plots by relative path)."""
-    validate_report(report)
+    report = as_data(report)
     esc = html.escape
     ref = report["reference"]
     level = _level(report)
@@ -706,7 +507,7 @@ def render_html(report: Mapping, plots: Mapping[str, str] | None = None) -> str:
     parts += ["<h2>In the format of the thesis</h2>", f'<p class="note">{esc(THESIS_NOTE)}</p>',
               _thesis(list(report["runs"]) + list(report.get("baselines") or [])).html()]
     if report.get("config"):
-        config = json.dumps(_jsonable(report["config"]), indent=2, ensure_ascii=False)
+        config = json.dumps(report["config"], indent=2, ensure_ascii=False, default=str)
         parts += ["<h2>Configuration</h2>", f"<pre><code>{esc(config)}</code></pre>"]
     notes = _notes(report)
     if notes:
@@ -745,7 +546,7 @@ def _style(ax) -> None:
     ax.tick_params(labelsize=9)
 
 
-def _plot_metrics(report: Mapping):
+def plot_metrics(report: Mapping):
     runs = report["runs"]
     colors = _colors(report)
     fig = _figure(10, 4.6)
@@ -795,7 +596,7 @@ def _delta_groups(report: Mapping) -> list[tuple[str, dict[str, Mapping]]]:
     return groups
 
 
-def _plot_deltas(report: Mapping):
+def plot_deltas(report: Mapping):
     ref = report["reference"]
     others = [r["name"] for r in report["runs"] if r["name"] != ref]
     groups = _delta_groups(report)
@@ -852,7 +653,7 @@ def _plot_deltas(report: Mapping):
     return fig
 
 
-def _plot_cost(report: Mapping):
+def plot_cost(report: Mapping):
     runs = [r for r in report["runs"] if _num(r.get("train_seconds")) is not None]
     if not runs:
         return None
@@ -879,3 +680,7 @@ def _plot_cost(report: Mapping):
     _style(ax)
     ax.set_title("Training cost per run", fontsize=11, loc="left")
     return fig
+
+
+PLOTS = {"metrics_plot": plot_metrics, "deltas_plot": plot_deltas, "cost_plot": plot_cost}
+"""File key -> drawing function (a figure, or None where there is nothing to draw)."""

@@ -1,0 +1,307 @@
+"""The comparison: do images help news recommendation, and where?
+
+`plan(params, data)` turns a comparison's parameters into its ranking runs: each ranker x
+source (labels from the fusion registry, text-only first within a ranker and every run of
+that ranker paired with it), or a preset's runs (runs.presets); then the baselines; then,
+with `titles`, an enhanced-titles twin of every run that reads titles, paired with its
+original. Every run's RankParams is built, so a combination no ranker supports fails here,
+when the parameters are validated, before any work. `extractions` lists the frozen stores
+the runs read (extracted first, each once).
+
+`build_report` scores every run on the same dev impressions: bootstrap intervals, paired
+differences of each run from its reference, slices by history length and by candidates with
+and without a cover, and each run's share of the oracle's lift; the result is a typed
+runs.report.Report.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from extractors.registry import ROLES
+from rankers.fusion import label_of, roles_of
+from runs.params import CompareParams, RankParams, describe, is_tiny, split_mode
+from runs.presets import PUBLISHED_FINETUNE, Preset, get_preset
+from runs.report import Report
+from runs.workspace import Workspace
+from storage.errors import PipelineError
+
+DEFAULT_BASELINES = ("random", "popularity", "oracle")
+ENHANCED = " · enhanced titles"
+
+
+@dataclass
+class PlannedRun:
+    """One run of a comparison: its label, its ranking parameters, the label of the run it is
+    paired with in the report (None: the main reference), and whether it is a baseline."""
+
+    label: str
+    params: RankParams
+    reference: str | None = None
+    baseline: bool = False
+
+
+def run_label(ranker: str, source: str | None) -> str:
+    return ranker if source is None else f"{ranker} · {label_of(source)}"
+
+
+def baselines_of(params: CompareParams) -> list[str]:
+    if params.baselines is not None:
+        return list(params.baselines)
+    return list(get_preset(params.preset).baselines if params.preset else DEFAULT_BASELINES)
+
+
+def all_tiny(specs: Sequence[str]) -> bool:
+    """Whether every one of these extractor specs is an embedded tiny model."""
+    return all(is_tiny(s) for s in specs)
+
+
+def _rank_params(label: str, **values) -> RankParams:
+    try:
+        return RankParams(**values)
+    except ValidationError as err:
+        raise PipelineError(f"run '{label}': {describe(err)}") from None
+
+
+def plan(params: CompareParams, data: Path | None) -> list[PlannedRun]:
+    """Every run of the comparison, validated (see the module docstring)."""
+    runs = _preset_runs(params, data, get_preset(params.preset)) if params.preset else _grid_runs(params, data)
+    for baseline in baselines_of(params):
+        if baseline == "oracle" and data is not None and not (data / "dev" / "click_probs.txt").is_file():
+            continue  # real MIND has no known click probabilities
+        runs.append(PlannedRun(baseline, _rank_params(
+            baseline, data=data, images=params.images, ranker=baseline, seed=params.seed, storage=params.storage,
+            scale=params.scale, world_seed=params.world_seed, score_test=params.score_test,
+            progress=params.progress), baseline=True))
+    if params.titles is not None:
+        twins = [PlannedRun(run.label + ENHANCED, run.params.model_copy(update={"titles": params.titles}), run.label)
+                 for run in runs if not run.baseline and set(roles_of(run.params.fusion)) & {"text", "blip"}]
+        runs += twins
+    return runs
+
+
+def _role_specs(params: CompareParams) -> dict[str, str]:
+    """Role -> the extractor spec the comparison gives it (--text, --image, --blip)."""
+    return {role: getattr(params, role) for role in ROLES}
+
+
+def _grid_runs(params: CompareParams, data: Path | None) -> list[PlannedRun]:
+    specs = _role_specs(params)
+    order = sorted(params.sources, key=lambda s: s != "text")
+    runs = []
+    for ranker in params.rankers:
+        reference = run_label(ranker, "text") if "text" in params.sources else None
+        for source in order:
+            label = run_label(ranker, source)
+            runs.append(PlannedRun(label, _rank_params(
+                label, data=data, images=params.images, features=[specs[role] for role in roles_of(source)],
+                fusion=source, ranker=ranker, device=params.device, epochs=params.epochs, tokens=params.tokens,
+                seed=params.seed, storage=params.storage, scale=params.scale, world_seed=params.world_seed,
+                score_test=params.score_test, progress=params.progress,
+            ), None if label == reference else reference))
+    return runs
+
+
+def _preset_runs(params: CompareParams, data: Path | None, preset: Preset) -> list[PlannedRun]:
+    """The preset's runs as ranking parameters; a run whose text spec was not given
+    (plm-nr's DistilBERT without --distil) is left out."""
+    specs = _role_specs(params)
+    runs = []
+    for run in preset.runs:
+        text = params.distil if run.text == "distil" else params.text
+        if text is None:
+            continue
+        role_spec = {**specs, "text": text}
+        options = dict(data=data, images=params.images, features=[role_spec[r] for r in roles_of(run.fusion)],
+                       fusion=run.fusion, ranker="nrms", device=params.device, seed=params.seed,
+                       storage=params.storage, scale=params.scale, world_seed=params.world_seed,
+                       score_test=params.score_test, progress=params.progress)
+        if run.finetune:
+            # Tiny checkpoints train at the tiny scale; real ones as published.
+            options.update(finetune=True, **({} if all_tiny(options["features"]) else run.published))
+            if params.finetune_epochs is not None:
+                options["epochs"] = params.finetune_epochs
+            if run.mtrec is not None:
+                options.update(mtrec=True, **run.mtrec)
+        else:
+            options.update(epochs=params.epochs, tokens=run.tokens or params.tokens)
+        runs.append(PlannedRun(run.label, _rank_params(run.label, **options), run.reference or
+                               (None if run.label == preset.reference else preset.reference)))
+    return runs
+
+
+def main_reference(planned: list[PlannedRun], params: CompareParams) -> str:
+    """The report's reference: the preset's, else the first ranker's text-only run, else the first run."""
+    labels = [p.label for p in planned]
+    if params.preset and get_preset(params.preset).reference in labels:
+        return get_preset(params.preset).reference
+    return next((p.label for p in planned if not p.baseline and p.params.fusion == "text" and not p.params.titles),
+                labels[0])
+
+
+def extractions(planned: list[PlannedRun]) -> list[tuple[str, Path | None]]:
+    """(spec, titles file or None) of every frozen store the planned runs read, each once.
+    Image stores are the original catalogue's whatever the titles (see runs.rank)."""
+    out: list[tuple[str, Path | None]] = []
+    for run in planned:
+        for role, spec in run.params.stores.items():
+            spec, mode = split_mode(spec)
+            job = (spec, None if role == "image" else run.params.titles)
+            if mode == "frozen" and job not in out:
+                out.append(job)
+    return out
+
+
+def source_names(outcome) -> list[str]:
+    """The report's sources of a run: its roles, marked where fine-tuned or read with enhanced titles."""
+    names = []
+    for role in roles_of(outcome.fusion):
+        marks = (["fine-tuned"] if outcome.finetune else []) + (["enhanced titles"] if outcome.titles and role != "image" else [])
+        names.append(role + (f" ({', '.join(marks)})" if marks else ""))
+    return names
+
+
+def model_name(outcome) -> str:
+    if outcome.mtrec is not None:
+        return "mtrec"
+    return "plm-nr" if outcome.finetune else outcome.ranker
+
+
+def build_report(params: CompareParams, workspace: Workspace, runs: list[tuple[PlannedRun, object]]) -> Report:
+    """Score every run on dev with intervals, pair each with its reference, slice."""
+    from rankers.stats import slice_metrics
+
+    data = workspace.data_dir(params.data, params.scale, params.world_seed)
+    catalogue = workspace.catalogue(data, params.images)
+    dev = workspace.impressions(data, "dev", catalogue)
+    has_cover = np.fromiter((n in catalogue.images for n in catalogue.ids), dtype=bool, count=len(catalogue))
+    scores = {p.label: np.load(Path(o.folder) / "scores_dev.npy") for p, o in runs}
+    main_ref = main_reference([p for p, _ in runs], params)
+    references = {p.label: p.reference if p.reference in scores else main_ref for p, _ in runs if p.label != main_ref}
+    # One bootstrap per reference over it and the runs paired with it. A run that is itself
+    # paired (a reference with a reference) keeps the entry with its delta.
+    groups: dict[str, list[str]] = {}
+    for label, ref in references.items():
+        groups.setdefault(ref, []).append(label)
+    if not groups:
+        groups[main_ref] = []
+    slices: dict[str, dict] = {}
+    for ref, labels in groups.items():
+        part = slice_metrics(
+            dev.cand_offsets, dev.labels, {lbl: scores[lbl] for lbl in [ref, *labels]}, ref,
+            history_lengths=dev.history_lengths, cand_items=dev.cand_items, has_cover=has_cover,
+            n_boot=params.n_boot, seed=params.seed,
+        )
+        for sname, by_run in part.items():
+            out = slices.setdefault(sname, {})
+            for lbl, entry in by_run.items():
+                if lbl != ref or lbl not in out:
+                    out[lbl] = entry
+    report_runs = []
+    for planned, outcome in runs:
+        fit = outcome.fit or {}
+        label = planned.label
+        multimodal = not planned.baseline and len(roles_of(outcome.fusion)) > 1
+        report_runs.append({
+            "name": label, "ranker": model_name(outcome),
+            "sources": [outcome.ranker] if planned.baseline else source_names(outcome),
+            "fusion": outcome.fusion if multimodal else None,
+            "metrics": slices["all"][label]["metrics"], "impressions": slices["all"][label]["n"],
+            "train_seconds": fit.get("seconds") or None, "train_impressions_per_s": fit.get("train_impressions_per_s") or None,
+        })
+    # Slices list runs in the report's order.
+    slices = {s: {p.label: by_run[p.label] for p, _ in runs if p.label in by_run} for s, by_run in slices.items()}
+    paired = {lbl: slices["all"][lbl]["delta"] for lbl in references if slices["all"][lbl]["delta"]}
+    add_oracle_share(report_runs)
+    preset = get_preset(params.preset) if params.preset else None
+    notes = [
+        "Each run is paired with the text-only run of the same ranker on the same dev impressions; "
+        "baselines are paired with the first ranker's text-only run." if preset is None else
+        f"Preset {preset.name}: each run is paired with the run named in the paired table; baselines with {main_ref}.",
+        "Validation for early stopping is the last day of train; dev is only evaluated.",
+    ]
+    if preset is not None:
+        notes += list(preset.notes)
+        tuned = [p.params for p, _ in runs if p.params.finetune]
+        if tuned:
+            scale = ("the tiny scale (embedded tiny models; runs.rank's TINY_FINETUNE_HEAD)"
+                     if all(all_tiny(p.features) for p in tuned) else f"as published, {PUBLISHED_FINETUNE}")
+            notes.append(f"Fine-tuning hyperparameters: {scale}"
+                         + (f"; at most {params.finetune_epochs} epochs" if params.finetune_epochs else "") + ".")
+        skipped = [r.label for r in preset.runs if r.label not in scores]
+        if skipped:
+            notes.append(f"Not run: {', '.join(skipped)} (give --distil bert:CKPT with a DistilBERT checkpoint; "
+                         "the tiny models have no distilled counterpart).")
+    if params.titles is not None:
+        enhanced = next((o.titles for p, o in runs if o.titles), str(params.titles))
+        notes.append(f"Runs marked '{ENHANCED.strip(' ·')}' read the titles of {enhanced} (GENRE's enhanced titles) "
+                     "instead of the dataset's, for text and BLIP; each is paired with its original-titles run.")
+    notes += ["Share of oracle lift: (AUC - random's AUC) / (oracle's AUC - random's AUC); the oracle ranks by "
+              "the synthetic world's true click probabilities."] if any("oracle_share" in r for r in report_runs) else []
+    report = {
+        "title": preset.title if preset else "Do images help news recommendation?",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "dataset": {"name": catalogue.name, "root": str(catalogue.root), "news": len(catalogue),
+                    "with cover": int(has_cover.sum()), "dev impressions": len(dev)},
+        "reference": main_ref,
+        "references": {k: v for k, v in references.items() if k in paired},
+        "runs": report_runs,
+        "paired": paired,
+        "slices": {k: v for k, v in slices.items() if k != "all"},
+        "bootstrap": {"n_boot": params.n_boot, "level": 0.95, "seed": params.seed},
+        "notes": notes,
+        "config": json.loads(params.model_dump_json()),
+    }
+    if preset is not None and preset.published:
+        report["baselines"] = [dict(p) for p in preset.published]
+    return Report.parse(report)
+
+
+def add_oracle_share(runs: list[dict]) -> None:
+    """Each run's share of the oracle's AUC lift over random, (AUC - random) / (oracle - random),
+    as `oracle_share`, when both baselines ran (the synthetic world's yardstick)."""
+    auc = {r["name"]: r["metrics"]["auc"]["value"] for r in runs}
+    if "random" not in auc or "oracle" not in auc or auc["oracle"] <= auc["random"]:
+        return
+    for run in runs:
+        run["oracle_share"] = (auc[run["name"]] - auc["random"]) / (auc["oracle"] - auc["random"])
+
+
+def summary_table(report: Report) -> str:
+    """The comparison as a fixed-width table for the terminal."""
+    runs = report.runs
+    share = any(run.oracle_share is not None for run in runs)
+    width = max([36] + [len(run.name) for run in runs])
+    lines = [f"{'run':<{width}} {'AUC':>7} {'MRR':>7} {'nDCG@5':>7} {'nDCG@10':>7}" + (f" {'lift':>6}" if share else "")
+             + f"  ΔAUC vs {report.reference} (unless noted), 95% CI"]
+    for run in runs:
+        m = run.metrics
+        delta = report.paired.get(run.name, {}).get("auc")
+        ref = report.references.get(run.name, report.reference)
+        if delta and delta.diff is not None:
+            d = f"{delta.diff:+.4f} [{_pm(delta.lo)}, {_pm(delta.hi)}]" + (f" vs {ref}" if ref != report.reference else "")
+        elif run.name == report.reference or run.name in report.references.values():
+            d = "reference"
+        else:
+            d = ""
+        lift = f" {run.oracle_share:6.0%}" if run.oracle_share is not None else " " * 7 if share else ""
+        lines.append(f"{run.name:<{width}} {_v(m['auc'].value)} {_v(m['mrr'].value)} "
+                     f"{_v(m['ndcg@5'].value)} {_v(m['ndcg@10'].value)}{lift}  {d}")
+    if share:
+        lines.append("lift: share of the oracle's AUC gain over random, (AUC - random) / (oracle - random)")
+    return "\n".join(lines)
+
+
+def _v(x: float | None) -> str:
+    return f"{x:7.4f}" if x is not None else f"{'—':>7}"
+
+
+def _pm(x: float | None) -> str:
+    return f"{x:+.4f}" if x is not None else "—"

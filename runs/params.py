@@ -1,0 +1,427 @@
+"""The parameters of every command, validated before any work starts.
+
+One pydantic model per command (`ExtractParams`, `RankParams`, `CompareParams`). Their
+validators check the whole plan in about a second and without loading any data or model:
+names against the registries (extractors, fusions, rankers), every ranker x fusion x source
+combination of the runs a comparison will make, each checkpoint's presence and format
+(extractors.checkpoints.ensure_available), and every input folder. The command lines build
+them from their options and deployments from their JSON parameters, so a run started with
+`prefect deployment run` gets exactly the same checks; the choices that JSON can express
+(names, bounds, which fusions a ranker trains on) are also in the models' JSON schema, which
+the Prefect server enforces before a run exists.
+
+Names that mean one thing: `seed` is the ranker's seed wherever it appears; the synthetic
+world's is `world_seed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from extractors.registry import available as extractor_names
+from extractors.registry import entry as extractor_entry
+from extractors.registry import extractor_for_role, parse_spec
+from rankers.fusion import available as fusion_names
+from rankers.fusion import roles_of
+from rankers.registry import baseline_rankers, ranker_entry, ranker_names, trained_rankers
+from storage.errors import PipelineError
+
+Scale = Literal["tiny", "small", "mind-small"]
+Device = Literal["auto", "cpu", "cuda"]
+FusionName = Literal[tuple(fusion_names())]  # type: ignore[valid-type]
+RankerName = Literal[tuple(ranker_names())]  # type: ignore[valid-type]
+TrainedRanker = Literal[tuple(trained_rankers())]  # type: ignore[valid-type]
+BaselineName = Literal[tuple(baseline_rankers())]  # type: ignore[valid-type]
+STORE_MODES = ("frozen", "finetuned")
+FINETUNE_ROLES = ("text", "image")
+FROZEN_EPOCHS = 10  # NRMS over stores: at most, with early stopping
+FINETUNE_EPOCHS = 3  # as published for NRMS+BERT (and the library's default)
+
+
+# ----------------------------------------------------------------------------- feature specs
+
+
+def split_mode(spec: str) -> tuple[str, str]:
+    """`bert:CKPT@finetuned` -> (`bert:CKPT`, `finetuned`); no suffix is `frozen`."""
+    base, sep, mode = spec.strip().rpartition("@")
+    if sep and mode in STORE_MODES:
+        return base, mode
+    return spec.strip(), "frozen"
+
+
+def spec_role(spec: str) -> str:
+    """The feature role of a `--features` spec (`vit:CKPT@finetuned` -> image)."""
+    return extractor_entry(parse_spec(split_mode(spec)[0])[0]).role
+
+
+def role_specs(features: Iterable[str], fusion: str) -> dict[str, str]:
+    """The `--features` spec of every role fusion `fusion` needs, or a PipelineError naming
+    the extractors to add."""
+    needed = roles_of(fusion)
+    by_role = {spec_role(f): f for f in features}
+    missing = [r for r in needed if r not in by_role]
+    if missing:
+        raise PipelineError(f"--fusion {fusion} needs features for {', '.join(missing)}; add "
+                            + ", ".join(extractor_for_role(r) for r in missing) + " to --features")
+    return {role: by_role[role] for role in needed}
+
+
+def is_tiny(spec: str) -> bool:
+    return parse_spec(split_mode(spec)[0])[1] == "tiny"
+
+
+# ----------------------------------------------------------------------------- shared checks
+
+
+def _as_value_error(check: Callable[[], Any]) -> Any:
+    """Run a check that raises PipelineError inside a validator, as pydantic expects."""
+    try:
+        return check()
+    except PipelineError as err:
+        raise ValueError(str(err)) from None
+
+
+def check_checkpoint(spec: str) -> None:
+    """A frozen spec's checkpoint is `tiny`, a local folder or cached, in a known format."""
+    from extractors.checkpoints import ensure_available
+
+    name, checkpoint = parse_spec(split_mode(spec)[0])
+    _as_value_error(lambda: ensure_available(name, checkpoint))
+
+
+def check_inputs(data: Path | None, images: Path | None, titles: Path | None, splits: tuple[str, ...]) -> None:
+    """The data folder holds the splits' files; the images folder and titles file exist."""
+    if data is not None:
+        if not data.is_dir():
+            raise ValueError(f"data folder {data} does not exist; pass --data with a MIND folder (train/ dev/ with "
+                             "news.tsv and behaviors.tsv), or leave it out to use the synthetic world")
+        missing = [f"{s}/{f}" for s in splits for f in ("news.tsv", "behaviors.tsv") if not (data / s / f).is_file()]
+        if missing:
+            raise ValueError(f"data folder {data} lacks {', '.join(missing)}; pass the MIND folder that holds "
+                             f"{'/ '.join(splits)}/ (e.g. the unpacked MINDsmall_train and MINDsmall_dev as "
+                             "train/ and dev/)")
+    if images is not None and not images.is_dir():
+        raise ValueError(f"image folder {images} does not exist; pass --images with the IM-MIND folder of "
+                         "<news_id>.jpg files")
+    if titles is not None and not titles.is_file():
+        raise ValueError(f"titles file {titles} does not exist; pass --titles with a news_id<TAB>title file")
+
+
+def _ranker_fusion_schema(ranker_field: str, fusion_field: str, many: bool) -> list[dict]:
+    """JSON-schema rules, from the registries, that a ranker only gets the fusions it trains
+    on: what the Prefect server checks before it creates a deployment's run."""
+    rules = []
+    for name in trained_rankers():
+        allowed = ranker_entry(name).supported_fusions()
+        if allowed == fusion_names():
+            continue
+        chosen = {"contains": {"const": name}} if many else {"const": name}
+        fusions = {"type": "array", "items": {"enum": allowed}} if many else {"enum": allowed}
+        rules.append({"if": {"properties": {ranker_field: chosen}, "required": [ranker_field]},
+                      "then": {"properties": {fusion_field: fusions}}})
+    return rules
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+class ExtractParams(BaseModel):
+    """`python -m flows.extract`: frozen features of every news into HDF5 stores."""
+
+    data: Path | None = None
+    images: Path | None = None
+    titles: Path | None = None
+    extractors: list[str] = Field(default_factory=lambda: ["bert", "vit", "blip"], min_length=1)
+    device: Device = "auto"
+    batch_size: int = Field(64, ge=1, le=8192)
+    workers: int | None = Field(None, ge=0, le=64)  # None: extractors.run.default_workers(device)
+    crop: Literal["card", "cover"] = "card"
+    missing: Literal["card", "blank", "zeros"] = "card"
+    tokens: bool = True
+    dtype: Literal["float16", "float32"] = "float16"
+    chunk_rows: int = Field(1024, ge=1, le=1_000_000)
+    shards: int = Field(1, ge=1, le=256)
+    scheduler: str | None = None
+    storage: Path | None = None
+    scale: Scale = "small"
+    world_seed: int = Field(0, ge=0)
+    progress: bool = True
+
+    @field_validator("extractors")
+    @classmethod
+    def _known(cls, specs: list[str]) -> list[str]:
+        for spec in specs:
+            if "@" in spec:
+                raise ValueError(f"{spec!r}: extraction writes frozen stores; drop the @ suffix")
+            name, _ = _as_value_error(lambda: parse_spec(spec))
+            if name not in extractor_names():
+                raise ValueError(f"unknown extractor {name!r}; known: {', '.join(extractor_names())}")
+            check_checkpoint(spec)
+        return specs
+
+    @field_validator("scheduler")
+    @classmethod
+    def _address(cls, address: str | None) -> str | None:
+        if address is not None and not address.strip():
+            raise ValueError("an empty scheduler address; give tcp://HOST:PORT, or leave it out for a local cluster")
+        return address
+
+    @model_validator(mode="after")
+    def _plan(self) -> ExtractParams:
+        check_inputs(self.data, self.images, self.titles, splits=())
+        if self.data is not None and not any((self.data / s / "news.tsv").is_file() for s in ("train", "dev", "test")) \
+                and not (self.data / "news.tsv").is_file():
+            raise ValueError(f"data folder {self.data} holds no news.tsv (looked in train/, dev/, test/ and the "
+                             "folder itself); pass the MIND folder")
+        if self.scheduler is not None and self.shards < 2:
+            raise ValueError("--scheduler needs --shards 2 or more (the shards are what the cluster's workers run)")
+        if self.device == "cuda":
+            _as_value_error(lambda: _require_cuda())
+        return self
+
+
+def _require_cuda() -> None:
+    from extractors.run import resolve_device
+
+    resolve_device("cuda")
+
+
+# ----------------------------------------------------------------------------- rank
+
+
+def _needs(flag: str, info: ValidationInfo, on: str, why: str) -> None:
+    if not info.data.get(on):
+        raise ValueError(f"{flag} needs --{on.replace('_', '-')} ({why})")
+
+
+class RankParams(BaseModel):
+    """`python -m flows.rank`: train one ranker, evaluate it on dev, write it all."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": _ranker_fusion_schema("ranker", "fusion", many=False)})
+
+    data: Path | None = None
+    images: Path | None = None
+    titles: Path | None = None
+    features: list[str] = Field(default_factory=lambda: ["bert"], min_length=1)
+    fusion: FusionName = "text"
+    ranker: RankerName = "nrms"
+    device: Device = "auto"
+    epochs: int = Field(FROZEN_EPOCHS, ge=1, le=100)  # left out or None: FINETUNE_EPOCHS with finetune
+    lr: float | None = Field(None, gt=0, le=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    tokens: bool = False
+    seed: int = Field(0, ge=0)
+    storage: Path | None = None
+    scale: Scale = "small"
+    world_seed: int = Field(0, ge=0)
+    run_name: str | None = None
+    score_test: bool = True
+    progress: bool = True
+    finetune: bool = False
+    mtrec: bool = False
+    category: bool = True
+    ner: bool = True
+    surgery: bool = True
+    freeze_layers: int = Field(0, ge=0, le=1000)
+    grad_checkpointing: bool = False
+    accumulate: int | None = Field(None, ge=1, le=1024)
+    encoder_lr: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_epochs(cls, values):
+        if isinstance(values, dict) and values.get("epochs") is None:
+            values = {**values, "epochs": FINETUNE_EPOCHS if values.get("finetune") else FROZEN_EPOCHS}
+        return values
+
+    @field_validator("features")
+    @classmethod
+    def _known(cls, specs: list[str]) -> list[str]:
+        out = []
+        for spec in specs:
+            for part in spec.split(","):
+                base, _ = split_mode(part)
+                name, _ = _as_value_error(lambda: parse_spec(base))
+                if name not in extractor_names():
+                    raise ValueError(f"unknown extractor {name!r}; known: {', '.join(extractor_names())} "
+                                     "(NAME[:CHECKPOINT][@finetuned])")
+                out.append(part.strip())
+        return out
+
+    @field_validator("finetune")
+    @classmethod
+    def _finetune(cls, on: bool, info: ValidationInfo) -> bool:
+        if not on:
+            return on
+        ranker, fusion = info.data.get("ranker", "nrms"), info.data.get("fusion", "text")
+        if ranker != "nrms":
+            raise ValueError(f"fine-tuning trains the nrms ranker (PLM-NR), not {ranker}; drop --ranker, or "
+                             "train LightGBM on the fine-tuned store with --features bert@finetuned")
+        if not set(roles_of(fusion)) <= set(FINETUNE_ROLES):
+            raise ValueError(f"fine-tuning trains bert and vit; --fusion {fusion} is not one of "
+                             + ", ".join(f for f in fusion_names() if set(roles_of(f)) <= set(FINETUNE_ROLES)))
+        if any(split_mode(f)[1] != "frozen" for f in info.data.get("features", [])):
+            raise ValueError("fine-tuning reads raw news, not stores; drop the @finetuned suffix from --features")
+        if info.data.get("tokens"):
+            raise ValueError("--tokens is for stored features; fine-tuning always attends over the token vectors")
+        return on
+
+    @field_validator("mtrec")
+    @classmethod
+    def _mtrec(cls, on: bool, info: ValidationInfo) -> bool:
+        if on:
+            _needs("--mtrec", info, "finetune", "MTRec's tasks train the text encoder")
+            if "text" not in roles_of(info.data.get("fusion", "text")):
+                raise ValueError("MTRec's tasks need the text role; use a --fusion with text")
+        return on
+
+    @field_validator("category", "ner", "surgery")
+    @classmethod
+    def _ablation(cls, on: bool, info: ValidationInfo) -> bool:
+        if not on:
+            _needs(f"--no-{info.field_name}", info, "mtrec", "it drops one part of MTRec")
+            if info.field_name == "ner" and not info.data.get("category", True):
+                raise ValueError("--no-category with --no-ner leaves no MTRec task: that is the plain fine-tuned "
+                                 "model, drop --mtrec")
+        return on
+
+    @field_validator("freeze_layers", "grad_checkpointing", "accumulate", "encoder_lr")
+    @classmethod
+    def _finetune_only(cls, value, info: ValidationInfo):
+        if value not in (None, 0, False):
+            _needs(f"--{info.field_name.replace('_', '-')}", info, "finetune", "it is a fine-tuning option")
+        return value
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, name: str | None) -> str | None:
+        if name is not None:
+            _check_name("--run-name", name)
+        return name
+
+    @model_validator(mode="after")
+    def _plan(self) -> RankParams:
+        entry = ranker_entry(self.ranker)
+        if entry.reads_features and not entry.supports(self.fusion):
+            raise ValueError(f"--ranker {self.ranker} cannot train on --fusion {self.fusion}; it trains on "
+                             f"{', '.join(entry.supported_fusions())}")
+        if entry.reads_features:
+            specs = _as_value_error(lambda: role_specs(self.features, self.fusion))
+            for spec in specs.values():
+                check_checkpoint(spec)
+        check_inputs(self.data, self.images, self.titles, splits=("train", "dev"))
+        if self.device == "cuda":
+            _as_value_error(lambda: _require_cuda())
+        return self
+
+    @property
+    def stores(self) -> dict[str, str]:
+        """Role -> feature spec of a ranker over stores (empty for baselines and fine-tuning)."""
+        if self.finetune or not ranker_entry(self.ranker).reads_features:
+            return {}
+        return role_specs(self.features, self.fusion)
+
+
+def _check_name(option: str, name: str) -> None:
+    """A name that becomes a folder under the storage root: one safe path component."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=,@-]{0,199}", name) or name in (".", ".."):
+        raise ValueError(f"{option} {name!r}: give one folder name of letters, digits and _.+=,@- (no / or "
+                         "leading dot); it becomes a folder under the storage root")
+
+
+# ----------------------------------------------------------------------------- compare
+
+
+class CompareParams(BaseModel):
+    """`python -m flows.compare`: every ranker x source plus baselines on the same dev impressions."""
+
+    model_config = ConfigDict(json_schema_extra={"allOf": _ranker_fusion_schema("rankers", "sources", many=True)})
+
+    data: Path | None = None
+    images: Path | None = None
+    titles: Path | None = None
+    preset: Literal["plm-nr", "mtrec", "zhao2024"] | None = None
+    text: str = "bert"
+    image: str = "vit"
+    blip: str = "blip"
+    distil: str | None = None  # plm-nr's DistilBERT, e.g. bert:distilbert-base-uncased
+    rankers: list[TrainedRanker] = Field(default_factory=lambda: ["nrms", "lightgbm"], min_length=1)
+    sources: list[FusionName] = Field(default_factory=lambda: ["text", "image", "hadamard", "blip"], min_length=1)
+    # None: random, popularity and oracle, or the preset's own
+    baselines: list[BaselineName] | None = None
+    device: Device = "auto"
+    epochs: int = Field(FROZEN_EPOCHS, ge=1, le=100)
+    finetune_epochs: int | None = Field(None, ge=1, le=100)  # None: 3, as published
+    tokens: bool = False
+    seed: int = Field(0, ge=0)
+    n_boot: int = Field(1000, ge=100, le=100_000)
+    score_test: bool = False
+    storage: Path | None = None
+    scale: Scale = "small"
+    world_seed: int = Field(0, ge=0)
+    name: str | None = None
+    progress: bool = True
+
+    @field_validator("text", "image", "blip", "distil")
+    @classmethod
+    def _role(cls, spec: str | None, info) -> str | None:
+        if spec is None:
+            return spec
+        role = {"distil": "text"}.get(info.field_name, info.field_name)
+        name, _ = _as_value_error(lambda: parse_spec(split_mode(spec)[0]))
+        if name not in extractor_names():
+            raise ValueError(f"unknown extractor {name!r}; known: {', '.join(extractor_names())}")
+        if extractor_entry(name).role != role:
+            raise ValueError(f"{spec!r} is a {extractor_entry(name).role} extractor; --{info.field_name} takes a "
+                             f"{role} one, e.g. {extractor_for_role(role)}:CKPT")
+        return spec
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str | None) -> str | None:
+        if name is not None:
+            _check_name("--name", name)
+        return name
+
+    @model_validator(mode="after")
+    def _plan(self) -> CompareParams:
+        given = self.model_fields_set
+        if self.preset and ({"rankers", "sources"} & given):
+            raise ValueError(f"--preset {self.preset} defines its own runs; drop --rankers and --sources")
+        if self.distil is not None and self.preset != "plm-nr":
+            raise ValueError("--distil is the DistilBERT of --preset plm-nr; drop it, or add --preset plm-nr")
+        check_inputs(self.data, self.images, self.titles, splits=("train", "dev"))
+        from runs.compare import plan
+
+        _as_value_error(lambda: plan(self, self.data))  # every run's RankParams: a bad combination fails here
+        return self
+
+
+def validated(model: type[BaseModel], values: dict, options: dict[str, str] | None = None) -> BaseModel:
+    """Build a params model; a validation error becomes one readable line per problem.
+    `options` maps field names to their command-line option where the two differ."""
+    options = options or {}
+    try:
+        return model(**values)
+    except ValidationError as err:
+        raise PipelineError(f"invalid options: {describe(err, options)}") from None
+
+
+def describe(err: ValidationError, options: dict[str, str] | None = None) -> str:
+    """A ValidationError as `--option: problem; ...` (the whole-plan checks without an option)."""
+    options = options or {}
+
+    def one(e: dict) -> str:
+        msg = e["msg"].removeprefix("Value error, ")
+        loc = [str(p) for p in e["loc"] if not isinstance(p, int)]
+        if not loc:
+            return msg
+        return "--" + options.get(loc[0], loc[0]).replace("_", "-") + f": {msg}"
+
+    return "; ".join(one(e) for e in err.errors())
