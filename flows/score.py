@@ -12,8 +12,8 @@ line holds. Where it is stricter, by our choice: an impression without a click o
 non-click is skipped and counted (the official scorer gives NaN for it, or fails); the
 prediction must have exactly one line per truth impression with the truth's ids in the truth's
 order (the official one checks ids, fills missing lines with rank 1 and ignores extra lines);
-ranks must be a permutation of 1..n (the official one does not check). The masked line's id is
-checked too.
+ranks must be a permutation of 1..n (the official one does not check); a masked impression's
+prediction line must still carry its id (the official one does not read that line at all).
 
 A malformed file exits with code 1 and one line on stderr, `error: PATH: line N: what is
 wrong and what to do`. This is a plain command line: it imports numpy and the readers only
@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
             "nDCG@10 per impression, then the mean over the impressions that have both a\n"
             "click and a non-click (the others are skipped and counted; the official scorer\n"
             "gives NaN for them). Masked truth lines '<id> []' are skipped as the official\n"
-            "scorer skips them: their prediction line's ranks are not read, its id is checked."
+            "scorer skips them: the ranks on their prediction line are not read (its id is\n"
+            "still checked, which the official scorer does not do)."
         ),
         epilog=(
             "formats, one line per impression:\n"

@@ -216,10 +216,19 @@ def write_json(path: PathLike, obj: Any, *, indent: int | None = 2, sort_keys: b
     return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, **dumps) + "\n", durable=durable)
 
 
+class _Stream:
+    """A file object numpy does not take for a real file: `np.save` then writes through
+    `write` (whose OSError keeps its errno) instead of C `fwrite` ("N requested and M written",
+    no errno)."""
+
+    def __init__(self, handle: IO[bytes]):
+        self.write = handle.write
+
+
 def save_npy(path: PathLike, array: np.ndarray, *, durable: bool = True) -> Path:
     """`np.save` without pickles (object arrays are refused), written atomically."""
     with atomic_open(path, "wb", durable=durable) as handle:
-        np.save(handle, np.asanyarray(array), allow_pickle=False)
+        np.save(_Stream(handle), np.asanyarray(array), allow_pickle=False)
     return Path(path)
 
 

@@ -81,8 +81,11 @@ _OS_ADVICE: dict[int, tuple[str, str]] = {
 # error 28)", e.g. safetensors), HDF5 ("errno = 28, error message = ...", with "name = 'PATH'").
 _OS_CODE = re.compile(r"\(os error (\d+)\)|\berrno = (\d+)")
 _HDF5_NAME = re.compile(r"\bname = '([^']*)'")
-# LightGBM's file writer: "Cannot write binary data to PATH, wrote N of M bytes" (no error code).
+# Short writes reported without an error code: LightGBM's file writer ("Cannot write binary
+# data to PATH, wrote N of M bytes") and numpy's C fwrite in `ndarray.tofile` ("N requested and
+# M written").
 _LGBM_SHORT_WRITE = re.compile(r"Cannot write (?:binary )?data to (.+?), wrote (\d+) of (\d+) bytes")
+_NUMPY_SHORT_WRITE = re.compile(r"^(\d+) requested and (\d+) written$")
 
 
 def describe_os_error(err: OSError, action: str | None = None) -> str:
@@ -106,11 +109,11 @@ def describe_os_error(err: OSError, action: str | None = None) -> str:
         where = f"{where} -> {os.fsdecode(err.filename2)}"
     while_ = f" while {action}" if action else ""
     name = errno.errorcode.get(code, f"errno {code}") if code is not None else "no error code"
+    if isinstance(err, ShortWriteError):
+        return f"{where}: {err.strerror} (a full disk, a quota or a file size limit?){while_}; {_SPACE}"
     if code in _OS_ADVICE:
         what, fix = _OS_ADVICE[code]
         return f"{where}: {what} ({name}){while_}; {fix}"
-    if isinstance(err, ShortWriteError):
-        return f"{where}: {err.strerror} (a full disk, a quota or a file size limit?){while_}; {_SPACE}"
     if code is not None:
         reason = err.strerror or os.strerror(code)
     else:
@@ -122,14 +125,19 @@ def os_error_of(exc: BaseException, path: str | os.PathLike[str] | None = None) 
     """The OSError `exc` is or reports, with `path` as its file when it names none; else None.
 
     Recognised: an OSError itself; an exception whose message carries a system error code
-    ("(os error N)", "errno = N"); LightGBM's "Cannot write ... wrote N of M bytes", which has
-    no code and is reported as EIO with the byte counts.
+    ("(os error N)", "errno = N"); a short write reported without a code (LightGBM's "Cannot
+    write ... wrote N of M bytes", numpy's "N requested and M written"), returned as a
+    ShortWriteError with the byte counts.
     """
+    text = str(exc)
     if isinstance(exc, OSError):
+        numpy_short = _NUMPY_SHORT_WRITE.match(text) if exc.errno is None else None
+        if numpy_short:
+            return ShortWriteError(errno.EIO, f"the write stopped after {numpy_short.group(2)} of "
+                                   f"{numpy_short.group(1)} bytes", None if path is None else os.fspath(path))
         if exc.filename is None and path is not None and exc.errno is not None:
             return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), os.fspath(path))
         return exc
-    text = str(exc)
     found = _OS_CODE.search(text)
     if found:
         code = int(found.group(1) or found.group(2))
@@ -148,8 +156,13 @@ def as_pipeline_error(exc: BaseException, action: str | None = None) -> Pipeline
     `describe_os_error`) for an OS error or a library error that reports one, None for
     anything else (a bug: let it raise with its traceback).
 
-    For Prefect tasks: `except Exception as err: raise (as_pipeline_error(err) or err) from None`
-    keeps the traceback of bugs only in the `or err` case (raise it bare there if that matters).
+    In a Prefect task (where run_cli does not apply):
+
+        except Exception as err:
+            friendly = as_pipeline_error(err, "writing the model")
+            if friendly is None:
+                raise
+            raise friendly from None
     """
     if isinstance(exc, PipelineError):
         return exc
