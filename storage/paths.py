@@ -163,5 +163,7 @@ def storage_path(kind: str, *names: str, storage: str | os.PathLike[str] | None 
     """`<root>/<kind>/<names...>` for a name given by a user (`--name`, `--run-name`) or derived
     from one: each name one safe component, the result inside that storage folder even after
     symbolic links (see `inside`). The folder `<kind>` is created (and tried for writing with
-    `writable`); the returned path is not."""
+    `writable`) once the names pass; the returned path is not created."""
+    for name in names:
+        check_name(name, parameter)  # before anything is created for a refused request
     return inside(subdir(kind, storage, writable=writable), *names, parameter=parameter)

@@ -202,6 +202,9 @@ def test_storage_path_keeps_names_inside_their_folder(tmp_path):
         with pytest.raises(UnsafeNameError, match=r"^--name "):
             storage_path("reports", name, storage=storage, parameter="--name")
     assert not (tmp_path / "escape").exists()
+    with pytest.raises(UnsafeNameError):
+        storage_path("models", "../x", storage=tmp_path / "untouched")
+    assert not (tmp_path / "untouched").exists()  # a refused name creates nothing
 
 
 def test_a_symbolic_link_leading_out_of_the_storage_is_refused(tmp_path):
@@ -261,7 +264,8 @@ def test_storage_that_cannot_be_created_or_written_is_one_line(read_only):
         subdir("reports", folder / "storage")
     message = str(info.value)
     assert message.startswith(f"cannot create the storage folder {folder / 'storage' / 'reports'} (--storage): ")
-    assert ("read-only file system (EROFS)" in message or "permission denied (EACCES)" in message) and "\n" not in message
+    assert "read-only file system (EROFS)" in message or "permission denied (EACCES)" in message
+    assert "\n" not in message
     # An existing folder is returned for reading, and refused for writing.
     assert subdir("models", folder / "storage") == folder / "storage" / "models"
     with pytest.raises(PipelineError, match=r"the storage folder \(--storage\) .*models is not writable: .*models: "):
@@ -501,8 +505,8 @@ def test_file_size_limit_mid_write_lightgbm_model(tmp_path):
 
         def main(argv):
             rng = np.random.default_rng(0)
-            booster = lgb.train({{"verbose": -1, "num_threads": 1}}, lgb.Dataset(rng.random((500, 20)), rng.random(500)),
-                                num_boost_round=50)
+            data = lgb.Dataset(rng.random((500, 20)), rng.random(500))
+            booster = lgb.train({{"verbose": -1, "num_threads": 1}}, data, num_boost_round=50)
             assert len(booster.model_to_string()) > 40_000
             if argv[0] == "save_model":
                 with atomic_path({str(final)!r}) as tmp:
