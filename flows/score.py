@@ -1,10 +1,19 @@
-"""Score a leaderboard prediction file against a truth file, like the official MIND scorer.
+"""Score a leaderboard prediction file against a truth file with the official MIND metrics.
 
     python -m flows.score TRUTH PREDICTION [--json]
 
 Prints AUC, MRR, nDCG@5 and nDCG@10 (per impression, then the mean; see
 `rankers.metrics`) and how many impressions were scored and skipped. With `--json` it
 prints exactly one line, `{"auc": .., "mrr": .., "ndcg@5": .., "ndcg@10": .., "impressions": ..}`.
+
+Where it agrees with the official `evaluate.py`: the metrics and their plain mean over
+impressions, and masked truth lines (`<id> []`), which are skipped whatever their prediction
+line holds. Where it is stricter, by our choice: an impression without a click or without a
+non-click is skipped and counted (the official scorer gives NaN for it, or fails); the
+prediction must have exactly one line per truth impression with the truth's ids in the truth's
+order (the official one checks ids, fills missing lines with rank 1 and ignores extra lines);
+ranks must be a permutation of 1..n (the official one does not check); a masked impression's
+prediction line must still carry its id (the official one does not read that line at all).
 
 A malformed file exits with code 1 and one line on stderr, `error: PATH: line N: what is
 wrong and what to do`. This is a plain command line: it imports numpy and the readers only
@@ -28,23 +37,27 @@ JSON_KEYS = ("auc", "mrr", "ndcg@5", "ndcg@10", "impressions")
 
 
 def score_files(truth_path: str | Path, prediction_path: str | Path) -> dict[str, float | int]:
-    """`rankers.metrics.evaluate` of a prediction file; its keys plus the skipped counts.
+    """`rankers.metrics.evaluate` of a prediction file (its metrics and skipped counts) plus
+    "masked", the number of masked truth impressions left out.
 
     Raises PipelineError (DataFormatError for a malformed line) on bad input.
     """
     truth = read_truth(truth_path)
     ranks = read_prediction(prediction_path, truth)  # (T,) 1 = best
-    seen = np.concatenate([[0], np.cumsum(truth.labels, dtype=np.int64)])  # (T+1,)
-    n_click = seen[truth.offsets[1:]] - seen[truth.offsets[:-1]]  # (M,)
     sizes = np.diff(truth.offsets)  # (M,)
-    if not ((n_click > 0) & (n_click < sizes)).any():
+    # Masked impressions (`[]`) own no rows: dropping their offsets leaves every row in place.
+    offsets = np.concatenate([[0], truth.offsets[1:][sizes > 0]])  # (M'+1,)
+    masked = int(np.count_nonzero(sizes == 0))
+    seen = np.concatenate([[0], np.cumsum(truth.labels, dtype=np.int64)])  # (T+1,)
+    n_click = seen[offsets[1:]] - seen[offsets[:-1]]  # (M',)
+    if not ((n_click > 0) & (n_click < np.diff(offsets))).any():
         raise PipelineError(
             f"{truth_path}: no impression has both a click and a non-click, so there is "
             "nothing to score; is this the truth file?"
         )
     # A rank is a score with the best candidate highest; ranks are distinct, so the tie
     # rule never applies and AUC equals that of the scores the ranks came from.
-    return evaluate(truth.offsets, truth.labels, -ranks.astype(np.float64))
+    return {**evaluate(offsets, truth.labels, -ranks.astype(np.float64)), "masked": masked}
 
 
 def format_table(result: dict[str, float | int]) -> str:
@@ -56,7 +69,8 @@ def format_table(result: dict[str, float | int]) -> str:
     lines.append(
         f"impressions scored: {result['impressions']} (skipped: "
         f"{result['skipped_no_click']} without a click, "
-        f"{result['skipped_no_nonclick']} without a non-click)"
+        f"{result['skipped_no_nonclick']} without a non-click"
+        + (f", {result['masked']} masked" if result.get("masked") else "") + ")"
     )
     return "\n".join(lines)
 
@@ -68,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Score a MIND leaderboard prediction against the truth: AUC, MRR, nDCG@5 and\n"
             "nDCG@10 per impression, then the mean over the impressions that have both a\n"
-            "click and a non-click (the others are skipped and counted)."
+            "click and a non-click (the others are skipped and counted; the official scorer\n"
+            "gives NaN for them). Masked truth lines '<id> []' are skipped as the official\n"
+            "scorer skips them: the ranks on their prediction line are not read (its id is\n"
+            "still checked, which the official scorer does not do)."
         ),
         epilog=(
             "formats, one line per impression:\n"

@@ -30,6 +30,7 @@ import numpy as np
 from rankers.base import FitReport, Ranker
 from rankers.data import Impressions, NewsFeatures
 from rankers.metrics import evaluate
+from storage.atomic import save_npz, write_json
 from storage.errors import PipelineError
 from storage.submission import read_values
 
@@ -39,11 +40,8 @@ ALPHAS = (1.0, 10.0, 100.0, 1000.0)
 """Prior strengths (in impressions) the popularity ranker picks from on valid."""
 
 def _write_config(folder: Path, meta: dict) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / CONFIG_FILE
-    path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return path
+    """`<folder>/config.json`, written atomically (a full disk leaves no half file)."""
+    return write_json(Path(folder) / CONFIG_FILE, meta)
 
 
 def _read_config(folder: Path, ranker: str) -> dict:
@@ -160,9 +158,9 @@ class PopularityRanker:
     def save(self, folder: Path) -> list[Path]:
         if self.clicks is None:
             raise PipelineError("nothing to save: the popularity ranker is not fitted")
+        # The counts before the config: a new folder that has a config.json holds a complete ranker.
+        counts = save_npz(Path(folder) / COUNTS_FILE, {"clicks": self.clicks, "shown": self.shown})
         config = _write_config(folder, {"ranker": "popularity", "alpha": self.alpha, "exposure": self.exposure})
-        counts = Path(folder) / COUNTS_FILE
-        np.savez(counts, clicks=self.clicks, shown=self.shown)
         return [config, counts]
 
     @classmethod

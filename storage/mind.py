@@ -110,8 +110,9 @@ class ReadReport:
     """What lenient reading skipped or dropped, by reason, with the first few examples.
 
     `skipped`: rows left out, by reason. `dropped`: ids removed from rows that were kept
-    (unknown or empty history tokens), by reason. `missing_ids`: distinct ids referenced by
-    behaviors.tsv (history or candidates) that news.tsv lacks.
+    (unknown or empty history tokens), by reason. `missing_ids`: every distinct id that
+    behaviors.tsv refers to (in a history or as a candidate) and news.tsv lacks, from every row
+    with five columns, whether the row was kept or skipped (and for whatever reason).
     """
 
     max_examples: int = 3  # per reason
@@ -727,6 +728,16 @@ def _candidate_problem(
     return None
 
 
+def _unknown_ids(history: str, candidates: str, index: Mapping[str, int], labeled: bool) -> set[str]:
+    """The news ids one row refers to (history tokens, candidates) that `index` lacks."""
+    out = {t for t in history.split(" ") if t and t not in index} if history else set()
+    for token in candidates.split(" "):
+        problem = _candidate_problem(token, index, labeled)
+        if problem is not None and problem[0] == UNKNOWN_CANDIDATE:
+            out.add(token[:-2] if labeled else token)
+    return out
+
+
 def _clean_behavior_chunk(
     lines: list[str],
     numbers: list[int],
@@ -752,6 +763,8 @@ def _clean_behavior_chunk(
             _reject(strict, report, path, number, BAD_COLUMNS, detail)
             continue
         imp, user, time_text, history, candidates = parts
+        if not strict:
+            report.missing_ids.update(_unknown_ids(history, candidates, index, labeled))
         if not (imp.isascii() and imp.isdigit() and int(imp) <= _INT64_MAX):
             detail = f"impression id {imp!r} is not a non-negative integer"
             _reject(strict, report, path, number, BAD_IMPRESSION_ID, detail)
@@ -771,13 +784,6 @@ def _clean_behavior_chunk(
         problems = [_candidate_problem(t, index, labeled) for t in candidates.split(" ")]
         bad = [p for p in problems if p is not None]
         if bad:
-            if not strict:
-                tokens = candidates.split(" ")
-                report.missing_ids.update(
-                    t[:-2] if labeled else t
-                    for t, p in zip(tokens, problems)
-                    if p is not None and p[0] == UNKNOWN_CANDIDATE
-                )
             _reject(strict, report, path, number, *bad[0])
             continue
         history_tokens = history.split(" ") if history else []
@@ -799,7 +805,6 @@ def _clean_behavior_chunk(
             if unknown:
                 detail = f"history news id {unknown[0]} is not in news.tsv"
                 report.drop(path, number, UNKNOWN_HISTORY, detail, len(unknown))
-                report.missing_ids.update(unknown)
             line = "\t".join((imp, user, time_text, " ".join(known), candidates))
         first_line[int(imp)] = number
         kept.append(line)
@@ -1017,7 +1022,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if st["impressions without clicks"]:
             print(
                 f"\n{name}: {st['impressions without clicks']:,} labeled impression(s) have no "
-                "click; the official scorer skips them"
+                "click; they are kept, give no click-based training example, and our metrics "
+                "skip and count them (AUC and MRR need a click); the official scorer does not "
+                "skip them (it gives NaN)"
             )
         if split.report:
             print(f"\n{name}:")

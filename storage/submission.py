@@ -4,11 +4,13 @@ Letters: M impressions (lines), T candidate rows (all lines' lists, concatenated
 
 Every file has one line per impression, `<impression_id> [v1,v2,...]`: the id, a space,
 and a JSON list with one entry per candidate in the original candidate order.
-- truth (`truth.txt`): the labels, 0/1.
+- truth (`truth.txt`): the labels, 0/1. A line `<id> []` is a masked impression: the
+  scorer skips it, and reads only the id of its prediction line (see `read_prediction`).
 - prediction (`prediction.txt`): each candidate's rank, 1 = best, a permutation of 1..n,
   in the truth file's line order.
 - values (e.g. the synthetic world's `click_probs.txt`): floats, fixed decimals.
-Files are written like the official ones (no space after commas, `\\n` line ends);
+Files are written like the official ones (no space after commas, `\\n` line ends), and
+atomically (storage.atomic): a full disk leaves the previous file, or none, under the name;
 readers also accept spaces inside the list, CRLF line ends and trailing blank lines.
 
 Reading is a Python pass over lines that only splits off the id and the bracketed text,
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.atomic import write_text
 from storage.errors import DataFormatError, PipelineError
 
 PathLike = str | os.PathLike[str]
@@ -123,8 +126,18 @@ def read_prediction(path: PathLike, truth: Truth) -> np.ndarray:
 
     The file must have exactly one line per truth impression, in the truth's order, with
     the same id, one rank per candidate, and the ranks a permutation of 1..n.
+
+    A masked truth impression (`<id> []`, no candidates) is skipped as the official scorer
+    skips it: whatever its prediction line holds after the id is not read (a real submission
+    ranks the candidates the truth hides). Its id is still checked, like every line's.
     """
-    parsed = _parse(path, np.int64, PREDICTION_FORMAT)
+    lines = _read_lines(Path(path))
+    masked = np.flatnonzero(np.diff(truth.offsets) == 0)  # (masked,) line indices
+    for i in masked[masked < len(lines)].tolist():
+        first = lines[i].split(None, 1)
+        if first:  # an empty line stays one, and is reported as such
+            lines[i] = f"{first[0]} []"
+    parsed = _parse(path, np.int64, PREDICTION_FORMAT, lines)
     m = len(truth.ids)
     n_lines = len(parsed.ids)
     k = min(n_lines, m)
@@ -237,10 +250,12 @@ class _Parsed:
             raise self.error
 
 
-def _parse(path: PathLike, dtype: type, expected: str) -> _Parsed:
-    """Split lines into ids and list text, then parse all lists at once."""
+def _parse(path: PathLike, dtype: type, expected: str, lines: list[str] | None = None) -> _Parsed:
+    """Split lines into ids and list text, then parse all lists at once. `lines`: the file's
+    lines when the caller has read (and adjusted) them already."""
     path = Path(path)
-    lines = _read_lines(path)
+    if lines is None:
+        lines = _read_lines(path)
     kind = "integers" if dtype is np.int64 else "numbers"
     ids: list[str] = []
     inner: list[str] = []  # the text between the brackets, per line
@@ -382,13 +397,10 @@ def _check_length(values: np.ndarray, offsets: np.ndarray, name: str) -> None:
 
 
 def _write_lines(path: PathLike, ids: list[str], offsets: np.ndarray, tokens: list[str]) -> None:
-    """Write `<id> [t1,t2,...]` lines; via a temporary file so a reader never sees half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `<id> [t1,t2,...]` lines atomically (storage.atomic): a reader never sees half a
+    file, and a full disk leaves the previous file, or none, under the name."""
     bounds = offsets.tolist()
     text = "".join(
         f"{imp} [{','.join(tokens[bounds[i]:bounds[i + 1]])}]\n" for i, imp in enumerate(ids)
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
+    write_text(path, text)

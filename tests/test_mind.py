@@ -335,6 +335,21 @@ def test_lenient_skips_counts_and_drops(tmp_path):
     assert any("e.g. " in line and ":5: impression id 1" in line for line in report.lines())
 
 
+def test_missing_ids_count_every_row_skipped_or_kept(tmp_path):
+    lines = [
+        "1\tU1\t11/11/2019 9:05:58 AM\tN1 N90\tN77-0 N3-1",  # skipped (unknown candidate N77); history N90
+        "2\tU2\tyesterday\tN91\tN78-1",  # skipped for its time; N91 and N78 are still referenced
+        "3\tU3\t11/11/2019 9:05:58 AM\tN92 N2\tN2-1",  # kept, N92 dropped
+        "3\tU4\t11/11/2019 9:05:58 AM\tN93\tN2-1",  # duplicate id; N93 referenced all the same
+        "5\tU5\t11/11/2019 9:05:58 AM\tN94\tN2-2",  # bad token; N94 referenced, "N2-2" names no id
+    ]
+    report = ReadReport()
+    b = read_behaviors(write(tmp_path / "b.tsv", lines), news_index(), strict=False, report=report)
+    assert b.impression_ids.tolist() == [3]
+    assert report.missing_ids == {"N90", "N77", "N91", "N78", "N92", "N93", "N94"}
+    assert report.to_dict()["missing_ids"] == 7
+
+
 def test_lenient_skips_non_utf8_lines_and_keeps_line_numbers(tmp_path):
     data = (
         TRAIN_ROWS[0].encode() + b"\n" + b"2\tU\xfe\t11/11/2019 9:05:58 AM\t\tN1-1\n"
@@ -394,6 +409,10 @@ def test_validate_prints_counts(tmp_path, capsys):
     assert table["impressions without clicks"] == "1"
     assert table["ids missing from news.tsv"] == "0"
     assert "ok: 1 split(s) read (strict)" in out
+    # One impression has no click: what we do with it, and no claim that the official scorer skips it.
+    assert "1 labeled impression(s) have no click; they are kept" in out
+    assert "our metrics skip and count them" in out and "the official scorer does not skip them" in out
+    assert "the official scorer skips" not in out
 
 
 def test_validate_dataset_root_and_json(tmp_path, capsys):

@@ -144,6 +144,36 @@ def test_malformed_prediction_from_the_command_line(case, tmp_path: Path, truth_
     assert "Traceback" not in proc.stderr
 
 
+# A masked truth impression (`[]`) between the three of TRUTH: the official scorer skips its
+# prediction line without reading it, so a real submission that ranks it must score.
+MASKED_TRUTH = "101 [1,0,0]\n150 []\n205 [0,1]\n309 [0,1,1,0]\n"
+
+
+@pytest.mark.parametrize("masked_line", ["150 [3,1,2]", "150 []", "150 [x, y", "150 [1,1]", "150"])
+def test_masked_truth_lines_are_skipped_whatever_the_prediction_ranks(masked_line, tmp_path: Path, capsys):
+    truth, pred = tmp_path / "truth.txt", tmp_path / "prediction.txt"
+    truth.write_text(MASKED_TRUTH)
+    pred.write_text(f"101 [1,2,3]\n{masked_line}\n205 [2,1]\n309 [4,1,2,3]\n")
+    ranks = read_prediction(pred, read_truth(truth))
+    assert ranks.tolist() == [1, 2, 3, 2, 1, 4, 1, 2, 3]
+    expected = evaluate(OFFSETS, LABELS, -ranks.astype(np.float64))  # the three unmasked impressions
+    assert score.score_files(truth, pred) == pytest.approx({**expected, "masked": 1}, abs=1e-12)
+    code, out, _ = run_main([str(truth), str(pred)], capsys)
+    assert code == 0 and "impressions scored: 3 (skipped: 0 without a click, 0 without a non-click, 1 masked)" in out
+
+
+def test_a_masked_line_still_needs_its_id(tmp_path: Path):
+    truth, pred = tmp_path / "truth.txt", tmp_path / "prediction.txt"
+    truth.write_text(MASKED_TRUTH)
+    pred.write_text("101 [1,2,3]\n999 [3,1,2]\n205 [2,1]\n309 [4,1,2,3]\n")
+    with pytest.raises(DataFormatError) as err:
+        read_prediction(pred, read_truth(truth))
+    assert err.value.line == 2 and "impression id 999 where the truth file has 150" in err.value.message
+    pred.write_text("101 [1,2,3]\n")  # and its line, like any other
+    with pytest.raises(DataFormatError, match="missing lines"):
+        read_prediction(pred, read_truth(truth))
+
+
 @pytest.mark.parametrize("text, line, words", [
     ("101 [1,0,0]\n205 [0,2]\n", 2, "label 2 is not 0 or 1"),
     ("101 [1,0,0]\n101 [0,1]\n", 2, "already appeared at line 1"),
@@ -228,7 +258,7 @@ def test_round_trip_scores_to_ranks_to_file_to_scorer(seed, tmp_path: Path, caps
     for key in ("auc", "mrr", "ndcg@5", "ndcg@10"):
         assert result[key] == pytest.approx(expected[key], abs=1e-9)
     assert result["impressions"] == expected["impressions"]
-    assert score.score_files(truth, pred) == pytest.approx(expected, abs=1e-9)
+    assert score.score_files(truth, pred) == pytest.approx({**expected, "masked": 0}, abs=1e-9)
 
 
 def test_scorer_imports_neither_prefect_nor_torch():
