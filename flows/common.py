@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from runs.params import validated
-from storage.errors import PipelineError
+from storage.errors import PipelineError, as_pipeline_error
 
 # Before Prefect is imported anywhere: no telemetry from a research pipeline.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -35,21 +35,11 @@ def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
     try:
         return fn(*args, **kwargs)
-    except PipelineError as err:
-        return Failed(message=str(err))
-    except OSError as err:
-        return Failed(message=os_error_line(err))
+    except Exception as err:
+        friendly = as_pipeline_error(err)
+        if friendly is None:
+            raise
+        return Failed(message=str(friendly))
 
 
-def os_error_line(err: OSError) -> str:
-    """An OSError as one line naming the path and what to do."""
-    from storage import errors
-
-    describe = getattr(errors, "describe_os_error", None)
-    if describe is not None:
-        return describe(err)
-    where = f" {err.filename}" if getattr(err, "filename", None) else ""
-    return f"{err.strerror or err}:{where}"
-
-
-__all__ = ["guarded", "os_error_line", "run_flow", "validated"]
+__all__ = ["guarded", "run_flow", "validated"]

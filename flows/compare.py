@@ -24,8 +24,9 @@ from pathlib import Path
 
 from flows.common import guarded, run_flow, validated
 from runs.params import CompareParams
+from storage import atomic
 from storage.errors import run_cli
-from storage.paths import subdir
+from storage.paths import safe_name, storage_path
 
 
 def build_flow():
@@ -48,12 +49,12 @@ def build_flow():
     def write(params: CompareParams, workspace, runs: list):
         report = build_report(params, workspace, runs)
         default = f"{report.dataset['name']}__" + (f"{params.preset}__" if params.preset else "")
-        name = params.name or f"{default}{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}"
-        folder = subdir("reports", params.storage) / name
+        name = params.name or safe_name(f"{default}{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}")
+        folder = storage_path("reports", name, storage=params.storage, parameter="--name", writable=True)
         files = write_report(folder, report)
         if params.preset and get_preset(params.preset).thesis:
-            files["thesis"] = folder / "thesis.md"
-            files["thesis"].write_text(thesis_markdown(report.model_dump(), get_preset(params.preset)))
+            files["thesis"] = atomic.write_text(folder / "thesis.md",
+                                                thesis_markdown(report.model_dump(), get_preset(params.preset)))
         create_markdown_artifact(render_markdown(report), key="comparison-report", description=str(folder))
         create_table_artifact(
             [{"run": r.name, **{m: round(v.value, 4) if v.value is not None else None for m, v in r.metrics.items()}}
@@ -73,7 +74,8 @@ def build_flow():
         planned = plan(params, data)
         for spec, titles in extractions(planned):
             extract_params = ExtractParams(data=data, images=params.images, titles=titles, extractors=[spec],
-                                           device=params.device, storage=params.storage, progress=params.progress)
+                                           device=params.device, storage=params.storage, progress=params.progress,
+                                           allow_no_images=params.allow_no_images)
             state = extract_one(spec, extract_params, workspace, return_state=True)
             if state.is_failed():
                 return Failed(message=state.message)
@@ -134,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-test", action="store_true",
                    help="also write each run's prediction_test.txt when the dataset has a test split (the report "
                    "reads dev only)")
+    p.add_argument("--allow-no-images", action="store_true",
+                   help="run image extractors even when no news has a cover file (every image vector then comes "
+                   "from a title-only card); without it such a run is refused, and one with under 20%% of news "
+                   "covered is warned (IM-MIND covers 44%% of MIND-small)")
     p.add_argument("--seed", type=int, default=0, help="ranker seed (and the bootstrap's)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--storage", type=Path, help="storage root (default: $MMNEWS_STORAGE or ./storage)")

@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="micro-batches of 32 per optimizer step (default 4, 1 with tiny checkpoints)")
     ft.add_argument("--encoder-lr", type=float,
                     help="the extractors' learning rate (default 2e-5 pre-trained, 1e-3 tiny)")
+    p.add_argument("--allow-no-images", action="store_true",
+                   help="run image extractors even when no news has a cover file (every image vector then comes "
+                   "from a title-only card); without it such a run is refused, and one with under 20%% of news "
+                   "covered is warned (IM-MIND covers 44%% of MIND-small)")
     p.add_argument("--seed", type=int, default=0, help="ranker seed")
     p.add_argument("--storage", type=Path, help="storage root (default: $MMNEWS_STORAGE or ./storage)")
     p.add_argument("--scale", choices=["tiny", "small", "mind-small"], default="small", help="synthetic world scale when --data is absent")

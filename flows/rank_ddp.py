@@ -48,10 +48,10 @@ def prepare(params: RankParams) -> Path:
 def follow(params: RankParams) -> None:
     """On ranks > 0: the fit of run_rank, over the same splits, stores and options. (A
     difference from rank 0's setup is caught by the rankers' check_same.)"""
-    from runs.rank import CHECKPOINTS, dataset, finetune_config, nrms_config, resolve_stores, run_name
     from runs.params import role_specs
+    from runs.rank import CHECKPOINTS, dataset, finetune_config, nrms_config, resolve_stores, run_name
     from runs.workspace import Workspace
-    from storage.paths import subdir
+    from storage.paths import storage_path
 
     workspace = Workspace(params.storage)
     ds = dataset(params, workspace)
@@ -59,7 +59,8 @@ def follow(params: RankParams) -> None:
     if params.finetune:
         from rankers.finetune import FineTuneRanker
 
-        folder = subdir("models", params.storage) / run_name(params, ds.catalogue.name)
+        folder = storage_path("models", run_name(params, ds.catalogue.name), storage=params.storage,
+                              parameter="--run-name")
         config = finetune_config(params, role_specs(params.features, params.fusion))
         FineTuneRanker(ds.catalogue, config, device=params.device, progress=False).fit(
             train, valid, checkpoint_dir=folder / CHECKPOINTS)

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from extractors.registry import ROLES
 from rankers.fusion import label_of, roles_of
-from runs.params import CompareParams, RankParams, describe, is_tiny, split_mode
+from runs.params import CompareParams, RankParams, describe, is_tiny, reads_images, split_mode
 from runs.presets import PUBLISHED_FINETUNE, Preset, get_preset
 from runs.report import Report
 from runs.workspace import Workspace
@@ -79,7 +79,7 @@ def plan(params: CompareParams, data: Path | None) -> list[PlannedRun]:
         runs.append(PlannedRun(baseline, _rank_params(
             baseline, data=data, images=params.images, ranker=baseline, seed=params.seed, storage=params.storage,
             scale=params.scale, world_seed=params.world_seed, score_test=params.score_test,
-            progress=params.progress), baseline=True))
+            allow_no_images=params.allow_no_images, progress=params.progress), baseline=True))
     if params.titles is not None:
         twins = [PlannedRun(run.label + ENHANCED, run.params.model_copy(update={"titles": params.titles}), run.label)
                  for run in runs if not run.baseline and set(roles_of(run.params.fusion)) & {"text", "blip"}]
@@ -104,7 +104,7 @@ def _grid_runs(params: CompareParams, data: Path | None) -> list[PlannedRun]:
                 label, data=data, images=params.images, features=[specs[role] for role in roles_of(source)],
                 fusion=source, ranker=ranker, device=params.device, epochs=params.epochs, tokens=params.tokens,
                 seed=params.seed, storage=params.storage, scale=params.scale, world_seed=params.world_seed,
-                score_test=params.score_test, progress=params.progress,
+                score_test=params.score_test, allow_no_images=params.allow_no_images, progress=params.progress,
             ), None if label == reference else reference))
     return runs
 
@@ -122,7 +122,8 @@ def _preset_runs(params: CompareParams, data: Path | None, preset: Preset) -> li
         options = dict(data=data, images=params.images, features=[role_spec[r] for r in roles_of(run.fusion)],
                        fusion=run.fusion, ranker="nrms", device=params.device, seed=params.seed,
                        storage=params.storage, scale=params.scale, world_seed=params.world_seed,
-                       score_test=params.score_test, progress=params.progress)
+                       score_test=params.score_test, allow_no_images=params.allow_no_images,
+                       progress=params.progress)
         if run.finetune:
             # Tiny checkpoints train at the tiny scale; real ones as published.
             options.update(finetune=True, **({} if all_tiny(options["features"]) else run.published))
@@ -243,13 +244,18 @@ def build_report(params: CompareParams, workspace: Workspace, runs: list[tuple[P
         enhanced = next((o.titles for p, o in runs if o.titles), str(params.titles))
         notes.append(f"Runs marked '{ENHANCED.strip(' ·')}' read the titles of {enhanced} (GENRE's enhanced titles) "
                      "instead of the dataset's, for text and BLIP; each is paired with its original-titles run.")
+    warning = workspace.covers(catalogue, params.allow_no_images) if any(
+        reads_images(p.params.stores.values()) for p, _ in runs) else None
+    if warning:
+        notes.append(f"Covers: {warning}.")
     notes += ["Share of oracle lift: (AUC - random's AUC) / (oracle's AUC - random's AUC); the oracle ranks by "
               "the synthetic world's true click probabilities."] if any("oracle_share" in r for r in report_runs) else []
     report = {
         "title": preset.title if preset else "Do images help news recommendation?",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "dataset": {"name": catalogue.name, "root": str(catalogue.root), "news": len(catalogue),
-                    "with cover": int(has_cover.sum()), "dev impressions": len(dev)},
+                    "with cover": int(has_cover.sum()), "cover share": f"{catalogue.cover_share:.1%}",
+                    "dev impressions": len(dev)},
         "reference": main_ref,
         "references": {k: v for k, v in references.items() if k in paired},
         "runs": report_runs,

@@ -71,9 +71,15 @@ def summary_row(result, modality: str) -> dict:
 def extract_rows(params, workspace: Workspace, spec: str) -> dict:
     """flows.extract's work for one extractor in this process: the store's summary row. The
     store must have exactly the settings asked for (another one is extracted again)."""
+    from runs.params import reads_images
+
     data = workspace.data_dir(params.data, params.scale, params.world_seed)
     catalogue = workspace.catalogue(data, params.images, params.titles)
-    return workspace.extract(spec, catalogue, options_of(params)).extracted
+    warning = workspace.covers(catalogue, params.allow_no_images) if reads_images([spec]) else None
+    row = dict(workspace.extract(spec, catalogue, options_of(params)).extracted)
+    if warning:
+        row["cover_warning"] = warning
+    return row
 
 
 # ----------------------------------------------------------------------------- sharded
@@ -180,6 +186,8 @@ def summary_markdown(rows: list[dict], data: Path) -> str:
             f"{images.get('missing', 0):,} | {images.get('converted', 0):,} | {images.get('corrupt', 0):,} | "
             f"{r['rows_per_s'] or '-'} | {status} | `{r['store']}` |"
         )
+    for warning in dict.fromkeys(r["cover_warning"] for r in rows if r.get("cover_warning")):
+        lines.append(f"\nWarning: {warning}")
     corrupt = [(r["extractor"], i) for r in rows for i in r["corrupt_ids"]]
     if corrupt:
         shown = ", ".join(i for _, i in corrupt[:20])

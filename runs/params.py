@@ -38,6 +38,7 @@ TrainedRanker = Literal[tuple(trained_rankers())]  # type: ignore[valid-type]
 BaselineName = Literal[tuple(baseline_rankers())]  # type: ignore[valid-type]
 STORE_MODES = ("frozen", "finetuned")
 FINETUNE_ROLES = ("text", "image")
+DEFAULT_RANKERS = ("nrms", "lightgbm")
 FROZEN_EPOCHS = 10  # NRMS over stores: at most, with early stopping
 FINETUNE_EPOCHS = 3  # as published for NRMS+BERT (and the library's default)
 
@@ -68,6 +69,11 @@ def role_specs(features: Iterable[str], fusion: str) -> dict[str, str]:
         raise PipelineError(f"--fusion {fusion} needs features for {', '.join(missing)}; add "
                             + ", ".join(extractor_for_role(r) for r in missing) + " to --features")
     return {role: by_role[role] for role in needed}
+
+
+def reads_images(specs: Iterable[str]) -> bool:
+    """Whether any of these feature specs is an extractor that reads cover images."""
+    return any(extractor_entry(parse_spec(split_mode(s)[0])[0]).modality != "text" for s in specs)
 
 
 def is_tiny(spec: str) -> bool:
@@ -111,18 +117,25 @@ def check_inputs(data: Path | None, images: Path | None, titles: Path | None, sp
         raise ValueError(f"titles file {titles} does not exist; pass --titles with a news_id<TAB>title file")
 
 
-def _ranker_fusion_schema(ranker_field: str, fusion_field: str, many: bool) -> list[dict]:
+def _ranker_fusion_schema(ranker_field: str, fusion_field: str, many: bool, default: Iterable[str]) -> list[dict]:
     """JSON-schema rules, from the registries, that a ranker only gets the fusions it trains
-    on: what the Prefect server checks before it creates a deployment's run."""
+    on (`default`: the rankers when the field is left out): what the Prefect server checks
+    before it creates a deployment's run."""
+
+    def only(allowed: list[str]) -> dict:
+        return {"properties": {fusion_field: {"type": "array", "items": {"enum": allowed}} if many
+                               else {"enum": allowed}}}
+
     rules = []
     for name in trained_rankers():
         allowed = ranker_entry(name).supported_fusions()
         if allowed == fusion_names():
             continue
         chosen = {"contains": {"const": name}} if many else {"const": name}
-        fusions = {"type": "array", "items": {"enum": allowed}} if many else {"enum": allowed}
-        rules.append({"if": {"properties": {ranker_field: chosen}, "required": [ranker_field]},
-                      "then": {"properties": {fusion_field: fusions}}})
+        rules.append({"if": {"properties": {ranker_field: chosen}, "required": [ranker_field]}, "then": only(allowed)})
+    by_default = [f for f in fusion_names() if all(ranker_entry(r).supports(f) for r in default)]
+    if by_default != fusion_names():
+        rules.append({"if": {"not": {"required": [ranker_field]}}, "then": only(by_default)})
     return rules
 
 
@@ -149,6 +162,7 @@ class ExtractParams(BaseModel):
     storage: Path | None = None
     scale: Scale = "small"
     world_seed: int = Field(0, ge=0)
+    allow_no_images: bool = False
     progress: bool = True
 
     @field_validator("extractors")
@@ -201,7 +215,8 @@ def _needs(flag: str, info: ValidationInfo, on: str, why: str) -> None:
 class RankParams(BaseModel):
     """`python -m flows.rank`: train one ranker, evaluate it on dev, write it all."""
 
-    model_config = ConfigDict(json_schema_extra={"allOf": _ranker_fusion_schema("ranker", "fusion", many=False)})
+    model_config = ConfigDict(json_schema_extra={"allOf": _ranker_fusion_schema("ranker", "fusion", many=False,
+                                                                                default=["nrms"])})
 
     data: Path | None = None
     images: Path | None = None
@@ -220,6 +235,7 @@ class RankParams(BaseModel):
     world_seed: int = Field(0, ge=0)
     run_name: str | None = None
     score_test: bool = True
+    allow_no_images: bool = False
     progress: bool = True
     finetune: bool = False
     mtrec: bool = False
@@ -327,12 +343,11 @@ class RankParams(BaseModel):
 
 
 def _check_name(option: str, name: str) -> None:
-    """A name that becomes a folder under the storage root: one safe path component."""
-    import re
+    """A name that becomes a folder under the storage root: one safe path component
+    (storage.paths.check_name, whose error is a ValueError and names the option)."""
+    from storage.paths import check_name
 
-    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.+=,@-]{0,199}", name) or name in (".", ".."):
-        raise ValueError(f"{option} {name!r}: give one folder name of letters, digits and _.+=,@- (no / or "
-                         "leading dot); it becomes a folder under the storage root")
+    check_name(name, option)
 
 
 # ----------------------------------------------------------------------------- compare
@@ -341,7 +356,8 @@ def _check_name(option: str, name: str) -> None:
 class CompareParams(BaseModel):
     """`python -m flows.compare`: every ranker x source plus baselines on the same dev impressions."""
 
-    model_config = ConfigDict(json_schema_extra={"allOf": _ranker_fusion_schema("rankers", "sources", many=True)})
+    model_config = ConfigDict(json_schema_extra={"allOf": _ranker_fusion_schema("rankers", "sources", many=True,
+                                                                                default=DEFAULT_RANKERS)})
 
     data: Path | None = None
     images: Path | None = None
@@ -351,7 +367,7 @@ class CompareParams(BaseModel):
     image: str = "vit"
     blip: str = "blip"
     distil: str | None = None  # plm-nr's DistilBERT, e.g. bert:distilbert-base-uncased
-    rankers: list[TrainedRanker] = Field(default_factory=lambda: ["nrms", "lightgbm"], min_length=1)
+    rankers: list[TrainedRanker] = Field(default_factory=lambda: list(DEFAULT_RANKERS), min_length=1)
     sources: list[FusionName] = Field(default_factory=lambda: ["text", "image", "hadamard", "blip"], min_length=1)
     # None: random, popularity and oracle, or the preset's own
     baselines: list[BaselineName] | None = None
@@ -362,6 +378,7 @@ class CompareParams(BaseModel):
     seed: int = Field(0, ge=0)
     n_boot: int = Field(1000, ge=100, le=100_000)
     score_test: bool = False
+    allow_no_images: bool = False
     storage: Path | None = None
     scale: Scale = "small"
     world_seed: int = Field(0, ge=0)
@@ -420,8 +437,8 @@ def describe(err: ValidationError, options: dict[str, str] | None = None) -> str
     def one(e: dict) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         loc = [str(p) for p in e["loc"] if not isinstance(p, int)]
-        if not loc:
-            return msg
+        if not loc or isinstance((e.get("ctx") or {}).get("error"), PipelineError):
+            return msg  # the whole plan's checks, or a message that names its option itself
         return "--" + options.get(loc[0], loc[0]).replace("_", "-") + f": {msg}"
 
     return "; ".join(one(e) for e in err.errors())

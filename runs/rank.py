@@ -38,8 +38,9 @@ import numpy as np
 from rankers.registry import ranker_entry
 from runs.params import RankParams, role_specs, split_mode
 from runs.workspace import Workspace
+from storage import atomic
 from storage.errors import PipelineError
-from storage.paths import subdir
+from storage.paths import safe_name, storage_path, subdir
 
 CHECKPOINTS = "checkpoints"
 # Fine-tuning the seeded random tiny models on a tiny or small synthetic world: a small head
@@ -87,7 +88,8 @@ def run_name(params: RankParams, dataset: str) -> str:
     uses_features = ranker_entry(params.ranker).reads_features
     tokens = "__tokens" if params.tokens and params.ranker == "nrms" else ""
     seed = f"__seed{params.seed}" if params.seed else ""
-    return f"{dataset}__{model_kind(params)}" + (f"__{params.fusion}__{feats}{tokens}" if uses_features else "") + seed
+    derived = f"{dataset}__{model_kind(params)}" + (f"__{params.fusion}__{feats}{tokens}" if uses_features else "")
+    return safe_name(derived + seed)
 
 
 def finetune_config(params: RankParams, specs: dict[str, str]):
@@ -123,6 +125,13 @@ def nrms_config(params: RankParams):
     return NRMSConfig(epochs=params.epochs, seed=params.seed, use_tokens=params.tokens, **tuning)
 
 
+def run_folder(params: RankParams, name: str) -> Path:
+    """`<storage>/models/<name>`, created, checked to lie inside the storage root and writable."""
+    folder = storage_path("models", name, storage=params.storage, parameter="--run-name", writable=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @dataclass(frozen=True)
 class Dataset:
     """The data one run reads: its folder, catalogue (enhanced with `titles`) and the original."""
@@ -141,6 +150,10 @@ def dataset(params: RankParams, workspace: Workspace) -> Dataset:
 
 def resolve_stores(params: RankParams, workspace: Workspace, ds: Dataset) -> dict:
     """Role -> StoreRef of every store the run reads (found, or extracted when frozen)."""
+    from runs.params import reads_images
+
+    if reads_images(params.stores.values()):
+        workspace.covers(ds.original, params.allow_no_images)
     refs = {}
     for role, spec in params.stores.items():
         base, mode = split_mode(spec)
@@ -205,8 +218,7 @@ def run_rank(params: RankParams, workspace: Workspace | None = None) -> RankOutc
     train, valid = workspace.train_valid(ds.data, ds.catalogue)
     dev = workspace.impressions(ds.data, "dev", ds.catalogue)
     name = run_name(params, ds.catalogue.name)
-    folder = subdir("models", params.storage) / name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = run_folder(params, name)
     record: dict = {}
     if params.finetune:
         ranker, report, stores, config = _fit_finetuned(params, ds, train, valid, folder, params.storage)
@@ -251,8 +263,8 @@ def write_run(params: RankParams, ds: Dataset, name: str, folder: Path, ranker, 
         write_prediction(folder / "prediction_test.txt", test.impression_ids, test.cand_offsets,
                          ranks_from_scores(test.cand_offsets, test_scores))
         files.append(str(folder / "prediction_test.txt"))
-    np.save(folder / "scores_dev.npy", dev_scores)  # minus the submitted ranks, for the report
-    (folder / "metrics.json").write_text(json.dumps(dev_metrics, indent=2) + "\n")
+    atomic.save_npy(folder / "scores_dev.npy", dev_scores)  # minus the submitted ranks, for the report
+    atomic.write_json(folder / "metrics.json", dev_metrics, sort_keys=False)
     fit = asdict(report)
     data_record = {"root": str(catalogue.root), "name": catalogue.name, "fingerprint": catalogue.fingerprint(),
                    "news": len(catalogue), "train": len(train), "valid": len(valid), "dev": len(dev)}
@@ -272,7 +284,7 @@ def write_run(params: RankParams, ds: Dataset, name: str, folder: Path, ranker, 
                     "dev_scoring_seconds": round(score_seconds, 3)},
         **(extra or {}),
     }
-    (folder / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    atomic.write_json(folder / "run.json", record, sort_keys=False, default=str)
     files += [str(folder / "metrics.json"), str(folder / "run.json")]
     return RankOutcome(name, params.ranker, params.fusion, params.features, str(folder), dev_metrics, fit, files,
                        finetune=params.finetune, titles=str(catalogue.titles_file) if catalogue.titles_file else None,

@@ -136,6 +136,19 @@ class Workspace:
         return self._once(("carve", root, id(catalogue)),
                           lambda: carve_validation(self.impressions(root, "train", catalogue)))
 
+    def covers(self, catalogue, allow_no_images: bool = False) -> str | None:
+        """For runs that read images: storage.catalogue.check_covers, logged once per catalogue.
+        Raises when no news has a cover (unless allowed); returns the warning, if any."""
+        from storage.catalogue import check_covers
+
+        def check() -> str | None:
+            warning = check_covers(catalogue, allow_no_images)
+            if warning:
+                log.warning("%s", warning)
+            return warning
+
+        return self._once(("covers", id(catalogue), allow_no_images), check)
+
     # -- stores ---------------------------------------------------------------------------
     def features_dir(self) -> Path:
         return subdir("features", self.storage)

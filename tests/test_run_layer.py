@@ -1,0 +1,268 @@
+"""The run layer and the flows' shell: data loaded once per comparison, the whole plan checked
+before any server starts, the temporary Prefect server's life, a busy machine, loopback-only
+servers, and names that must stay inside the storage root."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from runs.params import CompareParams, ExtractParams, RankParams
+
+ROOT = Path(__file__).resolve().parents[1]
+# Nothing listens here: a command that got as far as talking to Prefect would fail differently.
+DEAD_API = "http://127.0.0.1:9/api"
+
+
+def cli(module: str, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------ loaded once
+
+
+def test_one_comparison_parses_each_file_once_and_fingerprints_each_catalogue_once(
+        tiny_world, tmp_path, prefect_harness, monkeypatch):
+    import rankers.data
+    import storage.catalogue
+    import storage.mind
+    from flows.compare import build_flow
+
+    parsed: Counter[str] = Counter()
+
+    def counting(module, name: str):
+        real = getattr(module, name)
+
+        def wrapper(path, *args, **kwargs):
+            parsed[str(Path(path).relative_to(tiny_world))] += 1
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(storage.catalogue, "read_news")
+    counting(storage.mind, "read_news")
+    counting(storage.mind, "read_behaviors")
+    counting(rankers.data, "read_behaviors")
+    fingerprints = []
+    real_digest = storage.catalogue.Catalogue._digest
+    monkeypatch.setattr(storage.catalogue.Catalogue, "_digest",
+                        lambda self: fingerprints.append(self.name) or real_digest(self))
+
+    params = CompareParams(data=tiny_world, rankers=["lightgbm", "nrms"], sources=["text", "hadamard"],
+                           epochs=1, n_boot=100, storage=tmp_path, name="once", progress=False)
+    result = build_flow()(params)
+    assert len(result["report"].runs) == 7  # 2 rankers x 2 sources + 3 baselines
+    news = {f"{s}/news.tsv" for s in ("train", "dev", "test")}
+    assert {k for k in parsed if k.endswith("news.tsv")} == news
+    assert all(parsed[f] == 1 for f in news), parsed
+    # train and dev behaviors once each; test's never (the report reads dev only).
+    assert {k: v for k, v in parsed.items() if k.endswith("behaviors.tsv")} == {
+        "train/behaviors.tsv": 1, "dev/behaviors.tsv": 1}
+    assert fingerprints == [tiny_world.name]
+
+
+def test_a_workspace_hands_out_the_same_objects(tiny_world, tmp_path):
+    from runs.workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    first = ws.catalogue(tiny_world)
+    assert ws.catalogue(str(tiny_world)) is first
+    assert ws.impressions(tiny_world, "dev", first) is ws.impressions(tiny_world, "dev", first)
+    assert ws.train_valid(tiny_world, first) is ws.train_valid(tiny_world, first)
+    assert Workspace(tmp_path).catalogue(tiny_world) is not first  # a new run sees files anew
+    assert ws.loads["catalogue"] == 1 and ws.loads["split"] == 2  # dev, and train under the carve
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    ("flows.compare", ["--sources", "concat", "--rankers", "lightgbm"],
+     "run 'lightgbm · text+image (concat)': --ranker lightgbm cannot train on --fusion concat"),
+    ("flows.compare", ["--preset", "mtrec", "--rankers", "nrms"], "defines its own runs"),
+    ("flows.compare", ["--image", "bert"], "--image: 'bert' is a text extractor"),
+    ("flows.compare", ["--text", "bert:./no/such/checkpoint"], "cannot load text checkpoint './no/such/checkpoint'"),
+    ("flows.compare", ["--data", "/no/such/mind"], "data folder /no/such/mind does not exist"),
+    ("flows.compare", ["--name", "../../escape"], "--name '../../escape': is a path"),
+    ("flows.rank", ["--ranker", "lightgbm", "--fusion", "gated", "--features", "bert,vit"],
+     "--ranker lightgbm cannot train on --fusion gated"),
+    ("flows.rank", ["--fusion", "hadamard"], "needs features for image; add vit"),
+    ("flows.rank", ["--run-name", "/abs/path"], "--run-name '/abs/path': is a path"),
+    ("flows.extract", ["--extractor", "vit:/no/such/dir"], "cannot load vision checkpoint '/no/such/dir'"),
+    ("flows.extract", ["--titles", "/no/titles.tsv"], "titles file /no/titles.tsv does not exist"),
+])
+def test_a_bad_plan_is_one_line_before_any_server_starts(module, args, expected, tmp_path):
+    done = cli(module, *args, "--storage", str(tmp_path), env={"PREFECT_API_URL": DEAD_API})
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert expected in done.stderr, done.stderr
+    assert not (tmp_path / "reports").exists() and not (tmp_path.parent / "escape").exists()
+
+
+def test_deployment_parameters_get_the_same_checks():
+    with pytest.raises(ValidationError, match="cannot train on --fusion concat"):
+        CompareParams.model_validate({"rankers": ["lightgbm"], "sources": ["concat"]})
+    with pytest.raises(ValidationError, match="is a path"):
+        CompareParams.model_validate({"name": "../../escape"})
+    with pytest.raises(ValidationError, match="is a path"):
+        RankParams.model_validate({"run_name": "/abs/path", "ranker": "random"})
+    with pytest.raises(ValidationError, match="world_seed|extra|seed"):
+        ExtractParams.model_validate({"world_seed": -1})
+
+
+def test_the_schema_the_server_enforces_refuses_what_a_ranker_cannot_train_on():
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    from flows.compare import build_flow
+
+    schema = parameter_schema(build_flow()).model_dump_for_openapi()
+
+    def accepted(params: dict) -> bool:
+        try:
+            validate({"params": params}, schema, raise_on_error=True)
+        except Exception:  # noqa: BLE001 - Prefect's own validation error types
+            return False
+        return True
+
+    assert not accepted({"rankers": ["lightgbm"], "sources": ["concat"]})
+    assert not accepted({"sources": ["gated"]})  # the default rankers include lightgbm
+    assert accepted({"rankers": ["nrms"], "sources": ["concat"]})
+    assert accepted({"rankers": ["lightgbm"], "sources": ["text", "hadamard"]})
+
+
+# ------------------------------------------------------------------------------ the server
+
+
+def _uvicorn_children(pid: int) -> list:
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for child in children:
+        try:
+            if "uvicorn" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _without_prefect_api() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(OMP_NUM_THREADS="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1")
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_terminated_command_leaves_no_server_running(tmp_path, sig):
+    import psutil
+
+    env = _without_prefect_api()
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.extract", "--scale", "tiny", "--extractor", "bert",
+                             "--storage", str(tmp_path), "--no-progress"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        servers = []
+        while not servers:
+            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no temporary server appeared"
+            servers = _uvicorn_children(proc.pid)
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(servers, timeout=30)
+        assert not alive, f"server processes left after {sig.name}: {[p.pid for p in alive]}"
+        if sig == signal.SIGTERM:
+            assert proc.returncode == 130 and "Traceback" not in proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_extraction_completes_beside_two_busy_processes(tmp_path):
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        env = _without_prefect_api()
+        env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+        done = subprocess.run([sys.executable, "-m", "flows.extract", "--scale", "tiny", "--extractor", "bert",
+                               "--storage", str(tmp_path), "--no-progress"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "bert:tiny" in done.stdout and list((tmp_path / "features").glob("*bert-tiny__frozen.h5"))
+
+
+def test_a_server_that_does_not_answer_is_one_line(monkeypatch):
+    from flows import server
+    from storage.errors import PipelineError
+
+    started = server.TemporaryServer()
+    monkeypatch.setattr(server.TemporaryServer, "_healthy", lambda self: False)
+    with pytest.raises(PipelineError, match=r"did not answer within 2 s .*prefect server start.*PREFECT_API_URL"):
+        started.start(timeout=2)
+    started.stop()
+    assert started.process.poll() is not None
+
+
+# ------------------------------------------------------------------------------ Dask, loopback only
+
+
+@pytest.mark.slow
+def test_the_local_dask_cluster_listens_on_loopback_only():
+    import psutil
+    from distributed import LocalCluster
+
+    from flows.extract import local_cluster_kwargs
+
+    with LocalCluster(**local_cluster_kwargs(2, env={})) as cluster:
+        pids = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+        listening = [c.laddr for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in pids]
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert cluster.dashboard_link is None or "127.0.0.1" in cluster.dashboard_link
+        assert listening and all(addr.ip in ("127.0.0.1", "::1") for addr in listening), listening
+
+
+# ------------------------------------------------------------------------------ covers
+
+
+def test_image_runs_refuse_an_empty_images_folder(tiny_world, tmp_path):
+    from runs.extract import extract_rows
+    from runs.rank import run_rank
+    from runs.workspace import Workspace
+    from storage.errors import PipelineError
+
+    empty = tmp_path / "no-covers"
+    empty.mkdir()
+    params = ExtractParams(data=tiny_world, images=empty, extractors=["vit"], storage=tmp_path, progress=False)
+    with pytest.raises(PipelineError, match="no news of tiny has a cover image.*--allow-no-images"):
+        extract_rows(params, Workspace(tmp_path), "vit")
+    assert not list((tmp_path / "features").glob("*.h5"))
+    rank = RankParams(data=tiny_world, images=empty, ranker="lightgbm", fusion="hadamard", features=["bert", "vit"],
+                      storage=tmp_path, progress=False)
+    with pytest.raises(PipelineError, match="no news of tiny has a cover image"):
+        run_rank(rank)
+    # Text runs do not care, and the user may insist.
+    text = extract_rows(params.model_copy(update={"extractors": ["bert"]}), Workspace(tmp_path), "bert")
+    assert text["rows"] > 0 and "cover_warning" not in text
