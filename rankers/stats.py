@@ -69,54 +69,70 @@ class Interval:
 
 
 def resampled_means(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
-    """(B, K) means of `values` (M, K) over B resamples of its rows with replacement.
+    """(B, K) means of `values` over B resamples with replacement.
 
+    `values` (M, K): resample its rows (impressions). `values` (S, M, K), S training seeds
+    of the same M impressions: the two-level bootstrap, which resamples the S seeds and,
+    independently, the M impressions, and averages the drawn seeds' means over the drawn
+    impressions (every seed sees the same impressions, which is what they were scored on).
     Row j of the result is the same resample for every column and depends only on
-    (M, B, seed). Raises ValueError for M = 0.
+    (S, M, B, seed); with S = 1 it is exactly the one-level bootstrap. Raises ValueError for
+    M = 0.
     """
     values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2:
-        raise ValueError(f"values must be 2-D (M impressions, K statistics), got shape {values.shape}")
-    m = values.shape[0]
+    if values.ndim == 2:
+        values = values[None]
+    if values.ndim != 3:
+        raise ValueError(f"values must be (M impressions, K statistics) or (S seeds, M, K), got shape {values.shape}")
+    s, m, k = values.shape
     if m == 0:
         raise ValueError("cannot resample zero impressions")
+    if s == 0:
+        raise ValueError("cannot resample zero seeds")
     _check_n_boot(n_boot)
     rng = np.random.default_rng(seed)
+    seed_rng = np.random.default_rng([seed, 1])  # its own stream: S = 1 draws the same impressions
     rows = max(1, RESAMPLE_BLOCK // m)  # depends on M only, so the draws do too
-    out = np.empty((n_boot, values.shape[1]))
-    vt = np.ascontiguousarray(values.T)  # (K, M)
+    out = np.empty((n_boot, k))
+    vt = np.ascontiguousarray(values.transpose(0, 2, 1))  # (S, K, M)
     with _one_blas_thread():
         for start in range(0, n_boot, rows):
             b = min(rows, n_boot - start)
             idx = rng.integers(0, m, size=(b, m))  # (b, M) drawn impressions
             idx += (np.arange(b) * m)[:, None]  # one bincount for the whole block
-            counts = np.bincount(idx.ravel(), minlength=b * m).reshape(b, m)  # (b, M)
+            counts = np.bincount(idx.ravel(), minlength=b * m).reshape(b, m).T.astype(np.float64)  # (M, b)
             # (K, M) @ (M, b): OpenBLAS is several times faster this way round for small K.
-            out[start:start + b] = (vt @ counts.T.astype(np.float64)).T / m  # (b, K)
+            per_seed = np.stack([vt[j] @ counts for j in range(s)]) / m  # (S, K, b)
+            if s == 1:
+                out[start:start + b] = per_seed[0].T
+                continue
+            drawn = seed_rng.multinomial(s, np.full(s, 1.0 / s), size=b) / s  # (b, S) weights of drawn seeds
+            out[start:start + b] = np.einsum("bs,skb->bk", drawn, per_seed)  # (b, K)
     return out
 
 
 def interval(values: np.ndarray, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Interval:
-    """Percentile bootstrap interval of the column means of `values` (M, K).
+    """Percentile bootstrap interval of the column means of `values` (M, K), or of the seed-
+    averaged column means of `values` (S, M, K) by the two-level bootstrap (`resampled_means`).
 
     With M = 0 every field is NaN (an empty slice has no estimate).
     """
     values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2:
-        raise ValueError(f"values must be 2-D (M impressions, K statistics), got shape {values.shape}")
+    if values.ndim not in (2, 3):
+        raise ValueError(f"values must be (M impressions, K statistics) or (S seeds, M, K), got shape {values.shape}")
     _check_level(level)
     _check_n_boot(n_boot)
     if not np.isfinite(values).all():
         raise ValueError("values must be finite: a NaN or inf per-impression value has no mean")
-    k = values.shape[1]
-    if values.shape[0] == 0:
+    k = values.shape[-1]
+    if values.shape[-2] == 0:
         nan = np.full(k, np.nan)
         return Interval(nan, nan.copy(), nan.copy(), nan.copy())
     means = resampled_means(values, n_boot, seed)  # (B, K)
     alpha = 1.0 - level
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2], axis=0)  # (K,) each
     return Interval(
-        point=values.mean(axis=0),
+        point=values.reshape(-1, k).mean(axis=0),
         lo=lo,
         hi=hi,
         p=np.count_nonzero(means <= 0, axis=0) / n_boot,
@@ -253,7 +269,13 @@ def slice_metrics(
 ) -> dict[str, dict[str, dict]]:
     """Every run's metrics on every slice, and its paired difference from `reference`.
 
-    runs: run name -> (T,) scores. Slices: "all" (every impression; the same numbers as
+    runs: run name -> (T,) scores, or (S, T): the scores of S training seeds. Runs with
+    seeds get the two-level bootstrap (seeds, then impressions; `resampled_means`), paired
+    with their reference seed by seed (seed i of a run with seed i of its reference: runs of
+    one comparison use the same seeds), and a run of one seed (a deterministic baseline) is
+    the same for every seed; runs with different numbers of seeds above one cannot be
+    paired and raise. Their "value" is the mean over seeds, and each entry lists the seeds'
+    own values under "seeds". Slices: "all" (every impression; the same numbers as
     `run_metrics` and `compare_runs`, from one bootstrap for all runs); "history 0",
     "history 1-4", "history 5-19", "history 20+" when `history_lengths` (M,) is given;
     "with cover" and "without cover" when `cand_items` (T,) and `has_cover` (N,) are given.
@@ -271,7 +293,11 @@ def slice_metrics(
         raise ValueError("the cover slices need both cand_items and has_cover")
     off = np.asarray(offsets)
     lab = np.asarray(labels)
-    full = {name: per_impression(off, lab, s) for name, s in runs.items()}
+    runs = {name: _seed_rows(s, name) for name, s in runs.items()}
+    counts = sorted({len(s) for s in runs.values()} - {1})
+    if len(counts) > 1:
+        raise ValueError(f"runs have different numbers of seeds {counts}; pairing by seed needs the same seeds")
+    full = {name: [per_impression(off, lab, row) for row in s] for name, s in runs.items()}
     everyone = np.ones(len(off) - 1, dtype=bool)
     out = {"all": _slice_summary(full, everyone, reference, n_boot, seed, level)}
     if history_lengths is not None:
@@ -286,31 +312,42 @@ def slice_metrics(
             raise ValueError(f"cand_items has {len(has)} rows for {len(lab)} labels")
         for name, keep_rows in zip(COVER_SLICES, (has, ~has)):
             new_off, rows = slice_candidates(off, keep_rows)
-            sliced = {run: per_impression(new_off, lab[rows], np.asarray(s)[rows])
-                      for run, s in runs.items()}
+            sliced = {run: [per_impression(new_off, lab[rows], row[rows]) for row in s] for run, s in runs.items()}
             out[name] = _slice_summary(sliced, everyone, reference, n_boot, seed, level)
     return out
 
 
+def _seed_rows(scores: ArrayLike, name: str) -> np.ndarray:
+    """(S, T) scores of a run: one row per seed."""
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim == 1:
+        return arr[None]
+    if arr.ndim != 2 or arr.shape[0] == 0:
+        raise ValueError(f"run {name!r}: scores must be (T,) or (S seeds, T), got shape {arr.shape}")
+    return arr
+
+
 def _slice_summary(
-    per: Mapping[str, ImpressionMetrics], mask: np.ndarray, reference: str,
+    per: Mapping[str, Sequence[ImpressionMetrics]], mask: np.ndarray, reference: str,
     n_boot: int, seed: int, level: float,
 ) -> dict[str, dict]:
     """All runs of one slice in one bootstrap: their values, then their differences."""
     keep = mask.copy()
     for p in per.values():
-        keep &= p.valid  # the same for every run: validity depends on labels only
+        keep &= p[0].valid  # the same for every run and seed: validity depends on labels only
     names = list(per)
     others = [n for n in names if n != reference]
-    values = {n: metric_matrix(per[n])[keep] for n in names}  # (M', 4) each
+    seeds = max(len(p) for p in per.values())
+    values = {n: np.stack([metric_matrix(p)[keep] for p in per[n]]) for n in names}  # (S_n, M', 4) each
     columns = [values[n] for n in names] + [values[n] - values[reference] for n in others]
-    r = interval(np.concatenate(columns, axis=1), n_boot, level, seed)  # K = 4 (R + R - 1)
+    stacked = np.concatenate([np.broadcast_to(c, (seeds, *c.shape[1:])) for c in columns], axis=2)  # (S, M', K)
+    r = interval(stacked, n_boot, level, seed)  # K = 4 (R + R - 1)
     n = int(np.count_nonzero(keep))
     if 0 < n < MIN_INTERVAL_N:  # a percentile interval over a handful of impressions means nothing
         nan = np.full_like(r.point, np.nan)
         r = Interval(point=r.point, lo=nan, hi=nan, p=nan)
     k = len(METRICS)
-    skipped = int(np.count_nonzero(mask & ~per[reference].valid))
+    skipped = int(np.count_nonzero(mask & ~per[reference][0].valid))
     out = {}
     for i, name in enumerate(names):
         entry = {
@@ -319,6 +356,9 @@ def _slice_summary(
             "metrics": {m: _value_entry(r, i * k + j) for j, m in enumerate(METRICS)},
             "delta": None,
         }
+        if len(values[name]) > 1:
+            by_seed = values[name].mean(axis=1) if n else np.full((len(values[name]), k), np.nan)  # (S, 4)
+            entry["seeds"] = [{m: float(v[j]) for j, m in enumerate(METRICS)} for v in by_seed]
         if name != reference:
             base = (len(names) + others.index(name)) * k
             entry["delta"] = {m: _delta_entry(r, base + j) for j, m in enumerate(METRICS)}

@@ -275,3 +275,50 @@ def test_bad_arguments_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="one entry per candidate row"):
         slice_candidates(offsets, np.ones(3, dtype=bool))
     assert all(math.isnan(v) for v in bootstrap_ci([]))
+
+
+# ------------------------------------------------------------------------------ training seeds
+
+
+def _seeded_scores(rng, offsets, labels, shifts):
+    """Scores of one arm per seed: the labels plus noise, each seed's signal scaled by its shift."""
+    base = rng.normal(size=len(labels))
+    return np.stack([base + shift * labels for shift in shifts])  # (S, T)
+
+
+def test_seeds_that_disagree_widen_the_paired_interval():
+    """Two arms with the same mean gain over the reference: one whose three seeds agree, one
+    whose seeds disagree. Only the second's interval must account for the seeds' spread."""
+    rng = np.random.default_rng(0)
+    m, c = 2000, 10
+    offsets = np.arange(0, (m + 1) * c, c)
+    labels = (rng.random(m * c) < 0.2).astype(np.int8)
+    labels[offsets[:-1]] = 1  # a click per impression
+    labels[offsets[:-1] + 1] = 0  # and a non-click
+    reference = _seeded_scores(np.random.default_rng(1), offsets, labels, [0.5, 0.5, 0.5])
+    agree = _seeded_scores(np.random.default_rng(2), offsets, labels, [1.0, 1.0, 1.0])
+    disagree = _seeded_scores(np.random.default_rng(2), offsets, labels, [0.2, 1.0, 1.8])
+    out = slice_metrics(offsets, labels, {"ref": reference, "agree": agree, "disagree": disagree}, "ref",
+                        n_boot=400, seed=0)["all"]
+    width = {name: out[name]["delta"]["auc"]["hi"] - out[name]["delta"]["auc"]["lo"] for name in ("agree", "disagree")}
+    assert width["disagree"] > 2 * width["agree"], width
+    assert out["agree"]["delta"]["auc"]["lo"] > 0  # seeds that agree: a clear gain
+    # The value is the mean over seeds, and every seed's own value is listed.
+    per_seed = [evaluate(offsets, labels, row)["auc"] for row in disagree]
+    assert [s["auc"] for s in out["disagree"]["seeds"]] == pytest.approx(per_seed)
+    assert out["disagree"]["metrics"]["auc"]["value"] == pytest.approx(np.mean(per_seed))
+
+
+def test_one_seed_is_the_one_level_bootstrap_and_a_baseline_pairs_with_every_seed():
+    rng = np.random.default_rng(3)
+    offsets = np.arange(0, 301 * 8, 8)
+    labels = (rng.random(300 * 8) < 0.3).astype(np.int8)
+    a, b = rng.normal(size=(2, len(labels)))
+    one = slice_metrics(offsets, labels, {"a": a, "b": b}, "a", n_boot=200, seed=5)["all"]
+    stacked = slice_metrics(offsets, labels, {"a": a[None], "b": b[None]}, "a", n_boot=200, seed=5)["all"]
+    assert one == stacked
+    # A deterministic baseline (one row) is paired with each seed of a seeded reference.
+    seeded = slice_metrics(offsets, labels, {"a": np.stack([a, a, a]), "b": b}, "a", n_boot=200, seed=5)["all"]
+    assert seeded["b"]["delta"]["auc"]["diff"] == pytest.approx(one["b"]["delta"]["auc"]["diff"])
+    with pytest.raises(ValueError, match="different numbers of seeds"):
+        slice_metrics(offsets, labels, {"a": np.stack([a, a]), "b": np.stack([b, b, b])}, "a", n_boot=100)
