@@ -165,6 +165,12 @@ def test_deploy_and_run_compare_on_a_process_worker(tmp_path):
         assert all(d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
                    for d in deployments)
 
+        # A combination no ranker trains on is refused by the server itself: no flow run exists.
+        bad = {**PARAMS, "sources": ["text", "concat"]}
+        refused = prefect(["deployment", "run", "compare/default", "--param", f"params={json.dumps(bad)}"], env)
+        assert refused.returncode != 0 and "concat" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
+        assert get_json(f"{api}/flow_runs/filter", {}) == []
+
         run = prefect(["deployment", "run", "compare/default", "--param", f"params={json.dumps(PARAMS)}",
                        "--watch", "--watch-timeout", "240"], env, timeout=300)
         output = run.stdout + run.stderr
