@@ -43,3 +43,23 @@ def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 __all__ = ["guarded", "run_flow", "validated"]
+
+
+def run_bounded(task, calls: list[tuple], jobs: int) -> list:
+    """Submit `task(*call)` for every call with at most `jobs` running at once; their final
+    states, in the calls' order. Every call runs (a failure does not cancel the others, whose
+    results a rerun reuses); the caller decides what a failed state means."""
+    from prefect.futures import as_completed
+
+    states: list = [None] * len(calls)
+    running: dict = {}
+    waiting = list(enumerate(calls))
+    while waiting or running:
+        while waiting and len(running) < max(1, jobs):
+            i, call = waiting.pop(0)
+            running[i] = task.submit(*call)
+        done = next(as_completed(list(running.values())))
+        i = next(k for k, f in running.items() if f is done)
+        done.wait()
+        states[i] = running.pop(i).state
+    return states

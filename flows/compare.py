@@ -22,7 +22,7 @@ import datetime as _dt
 from collections.abc import Sequence
 from pathlib import Path
 
-from flows.common import guarded, run_flow, validated
+from flows.common import guarded, run_bounded, run_flow, validated
 from runs.params import CompareParams
 from storage import atomic
 from storage.errors import run_cli
@@ -37,7 +37,7 @@ def build_flow():
 
     from flows.extract import extract_task
     from flows.rank import rank_task
-    from runs.compare import build_report, extractions, plan
+    from runs.compare import build_report, default_jobs, extractions, plan, thread_share
     from runs.params import ExtractParams
     from runs.presets import get_preset, thesis_markdown
     from runs.render import render_markdown
@@ -79,12 +79,13 @@ def build_flow():
             state = extract_one(spec, extract_params, workspace, return_state=True)
             if state.is_failed():
                 return Failed(message=state.message)
-        runs = []
-        for run in planned:
-            state = rank_one(run.label, run.params, workspace, return_state=True)
-            if state.is_failed():
+        jobs = min(default_jobs(params), len(planned))
+        threads = thread_share(params) if jobs > 1 else None  # one run at a time: in this process
+        states = run_bounded(rank_one, [(run.label, run.params, workspace, threads) for run in planned], jobs)
+        for run, state in zip(planned, states):
+            if not state.is_completed():
                 return Failed(message=f"{run.label}: {state.message}")
-            runs.append((run, state.result()))
+        runs = [(run, state.result()) for run, state in zip(planned, states)]
         state = report_task(params, workspace, runs, return_state=True)
         if state.is_failed():
             return Failed(message=state.message)
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "from a title-only card); without it such a run is refused, and one with under 20%% of news "
                    "covered is warned (IM-MIND covers 44%% of MIND-small)")
     p.add_argument("--seed", type=int, default=0, help="ranker seed (and the bootstrap's)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="ranking runs trained at once (default: one per core on a CPU, each run single-threaded; "
+                   "1 with --device cuda)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--storage", type=Path, help="storage root (default: $MMNEWS_STORAGE or ./storage)")
     p.add_argument("--scale", choices=["tiny", "small", "mind-small"], default="small", help="synthetic world scale when --data is absent")

@@ -23,15 +23,20 @@ OPTIONS = {"category": "no-category", "ner": "no-ner", "surgery": "no-surgery"}
 
 
 def rank_task():
-    """The Prefect task around runs.rank.run_rank; a PipelineError ends it Failed with its message."""
+    """The Prefect task around runs.rank.run_rank (in this process, with the flow's workspace),
+    or with `threads` runs.isolated.run_isolated (a process of its own limited to that many
+    threads, so that several run at once); a PipelineError ends it Failed with its message."""
     from prefect import task
     from prefect.cache_policies import NO_CACHE
 
+    from runs.isolated import run_isolated
     from runs.rank import run_rank
 
     @task(name="rank-one", cache_policy=NO_CACHE, task_run_name="rank {label}")
-    def rank_one(label: str, params: RankParams, workspace):
-        return guarded(run_rank, params, workspace)
+    def rank_one(label: str, params: RankParams, workspace, threads: int | None = None):
+        if threads is None:
+            return guarded(run_rank, params, workspace)
+        return guarded(run_isolated, params.model_copy(update={"progress": False}), threads)
 
     return rank_one
 

@@ -4,7 +4,10 @@ Without `PREFECT_API_URL`, Prefect would start a temporary ("ephemeral") server 
 give it 20 s to answer (too little on a busy machine: the run then dies with a traceback),
 and leave it running when the command is killed with SIGTERM or SIGKILL. So every command
 starts its own, once (never per task):
-- on 127.0.0.1 only, with Prefect's own app and settings for ephemeral servers;
+- on 127.0.0.1 only, with Prefect's own app and settings for ephemeral servers, and a
+  database of its own in a temporary folder: two commands at once (or a command beside a
+  `prefect server start` on the default database) would otherwise lock each other's SQLite
+  file ("database is locked"); the temporary server's history goes with it;
 - waiting for it as long as `PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS` says, or
   `STARTUP_TIMEOUT_S` by default; a server that does not answer becomes one line saying what
   to do (start one with `prefect server start` and set `PREFECT_API_URL`);
@@ -17,8 +20,8 @@ Local Dask workers inherit `PREFECT_API_URL`, so they report to the same server.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,11 +33,11 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from runs.isolated import die_with_parent
 from storage.errors import PipelineError
 
 STARTUP_TIMEOUT_S = 300.0
 TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
-_PR_SET_PDEATHSIG = 1
 
 
 def stop_on_sigterm() -> None:
@@ -60,23 +63,14 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _die_with_parent(parent: int) -> None:
-    """In the server's process, before exec: the kernel sends it SIGTERM when the command dies."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return  # not Linux: SIGTERM and Ctrl+C still stop it
-    if os.getppid() != parent:  # the command died before prctl took effect
-        os._exit(1)
-
-
 class TemporaryServer:
     """A Prefect API server on 127.0.0.1 for the life of one command."""
 
     def __init__(self) -> None:
         self.port = _free_port()
         self.process: subprocess.Popen | None = None
-        self.log = Path(tempfile.mkstemp(prefix="mmnews-prefect-server-", suffix=".log")[1])
+        self.home = Path(tempfile.mkdtemp(prefix="mmnews-prefect-server-"))
+        self.log = self.home / "server.log"
 
     @property
     def api_url(self) -> str:
@@ -85,7 +79,8 @@ class TemporaryServer:
     def start(self, timeout: float) -> None:
         import prefect
 
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+               "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}"}
         env.pop("PREFECT_API_URL", None)
         parent = os.getpid()
         with self.log.open("wb") as log:
@@ -94,7 +89,7 @@ class TemporaryServer:
                  "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
                  "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=(lambda: _die_with_parent(parent)) if sys.platform.startswith("linux") else None,
+                preexec_fn=(lambda: die_with_parent(parent)) if sys.platform.startswith("linux") else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -134,8 +129,7 @@ class TemporaryServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        with contextlib.suppress(OSError):
-            self.log.unlink()
+        shutil.rmtree(self.home, ignore_errors=True)
 
 
 def _drain(timeout: float = 10.0) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,26 @@ class PlannedRun:
     params: RankParams
     reference: str | None = None
     baseline: bool = False
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_jobs(params: CompareParams) -> int:
+    """Ranking runs at once: every core on a CPU, each run single-threaded (the runs are small
+    and independent, so the comparison's wall time falls with the cores); one on a GPU."""
+    if params.jobs is not None:
+        return params.jobs
+    return 1 if params.device == "cuda" else cores()
+
+
+def thread_share(params: CompareParams) -> int:
+    """Threads each run may use when `default_jobs` runs share the cores."""
+    return max(1, cores() // default_jobs(params))
 
 
 def run_label(ranker: str, source: str | None) -> str:
@@ -103,7 +124,7 @@ def _grid_runs(params: CompareParams, data: Path | None) -> list[PlannedRun]:
             runs.append(PlannedRun(label, _rank_params(
                 label, data=data, images=params.images, features=[specs[role] for role in roles_of(source)],
                 fusion=source, ranker=ranker, device=params.device, epochs=params.epochs, tokens=params.tokens,
-                seed=params.seed, storage=params.storage, scale=params.scale, world_seed=params.world_seed,
+                seed=params.seed, threads=thread_share(params), storage=params.storage, scale=params.scale, world_seed=params.world_seed,
                 score_test=params.score_test, allow_no_images=params.allow_no_images, progress=params.progress,
             ), None if label == reference else reference))
     return runs

@@ -230,6 +230,7 @@ class RankParams(BaseModel):
     dropout: float | None = Field(None, ge=0, lt=1)
     tokens: bool = False
     seed: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, le=1024)  # None: LightGBM on every core, NRMS on one (CPU)
     storage: Path | None = None
     scale: Scale = "small"
     world_seed: int = Field(0, ge=0)
@@ -376,6 +377,7 @@ class CompareParams(BaseModel):
     finetune_epochs: int | None = Field(None, ge=1, le=100)  # None: 3, as published
     tokens: bool = False
     seed: int = Field(0, ge=0)
+    jobs: int | None = Field(None, ge=1, le=64)  # None: runs.compare.default_jobs
     n_boot: int = Field(1000, ge=100, le=100_000)
     score_test: bool = False
     allow_no_images: bool = False

@@ -180,6 +180,8 @@ def _fit_on_stores(params: RankParams, workspace: Workspace, ds: Dataset, train,
                        config=nrms_config(params))
     elif params.ranker == "lightgbm":
         options.update(fusion=params.fusion)
+        if params.threads is not None:
+            options.update(n_jobs=params.threads)
     elif params.ranker == "oracle":
         options.update(click_probs=ds.data / "dev" / "click_probs.txt")
     ranker = create_ranker(params.ranker, **options)

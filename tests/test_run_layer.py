@@ -266,3 +266,28 @@ def test_image_runs_refuse_an_empty_images_folder(tiny_world, tmp_path):
     # Text runs do not care, and the user may insist.
     text = extract_rows(params.model_copy(update={"extractors": ["bert"]}), Workspace(tmp_path), "bert")
     assert text["rows"] > 0 and "cover_warning" not in text
+
+
+# ------------------------------------------------------------------------------ runs side by side
+
+
+def test_a_run_in_a_process_of_its_own_equals_the_run_in_this_one(tiny_world, tmp_path):
+    from runs.isolated import run_isolated
+    from runs.rank import run_rank
+
+    for ranker, fusion, features in (("nrms", "hadamard", ["bert", "vit"]), ("lightgbm", "text", ["bert"])):
+        params = RankParams(data=tiny_world, ranker=ranker, fusion=fusion, features=features, epochs=2,
+                            storage=tmp_path, progress=False)
+        here = run_rank(params)
+        there = run_isolated(params.model_copy(update={"run_name": f"{ranker}-isolated"}), threads=1)
+        assert there.dev_metrics == here.dev_metrics and there.folder.endswith(f"{ranker}-isolated")
+
+
+def test_a_failing_run_in_its_own_process_is_one_line(tiny_world, tmp_path):
+    from runs.isolated import run_isolated
+    from storage.errors import PipelineError
+
+    params = RankParams(data=tiny_world, ranker="lightgbm", features=["bert@finetuned"], storage=tmp_path,
+                        progress=False)
+    with pytest.raises(PipelineError, match=r"^no fine-tuned store of bert .*--finetune --features bert\)"):
+        run_isolated(params)
