@@ -79,13 +79,15 @@ def build_flow():
             state = extract_one(spec, extract_params, workspace, return_state=True)
             if state.is_failed():
                 return Failed(message=state.message)
-        jobs = min(default_jobs(params), len(planned))
+        jobs = min(default_jobs(params), sum(len(run.seeds) for run in planned))
         threads = thread_share(params) if jobs > 1 else None  # one run at a time: in this process
-        states = run_bounded(rank_one, [(run.label, run.params, workspace, threads) for run in planned], jobs)
-        for run, state in zip(planned, states):
+        calls = [(label, replica, workspace, threads) for run in planned for label, replica in run.replicas()]
+        states = run_bounded(rank_one, calls, jobs)
+        for (label, *_), state in zip(calls, states):
             if not state.is_completed():
-                return Failed(message=f"{run.label}: {state.message}")
-        runs = [(run, state.result()) for run, state in zip(planned, states)]
+                return Failed(message=f"{label}: {state.message}")
+        outcomes = iter(state.result() for state in states)
+        runs = [(run, [next(outcomes) for _ in run.seeds]) for run in planned]
         state = report_task(params, workspace, runs, return_state=True)
         if state.is_failed():
             return Failed(message=state.message)
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "from a title-only card); without it such a run is refused, and one with under 20%% of news "
                    "covered is warned (IM-MIND covers 44%% of MIND-small)")
     p.add_argument("--seed", type=int, default=0, help="ranker seed (and the bootstrap's)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train every ranker run N times, with seeds SEED to SEED+N-1, on the same stores; the report "
+                   "shows each seed and intervals over seeds and impressions (default 1)")
     p.add_argument("--jobs", type=int, metavar="N",
                    help="ranking runs trained at once (default: one per core on a CPU, each run single-threaded; "
                    "1 with --device cuda)")

@@ -40,13 +40,21 @@ ENHANCED = " · enhanced titles"
 
 @dataclass
 class PlannedRun:
-    """One run of a comparison: its label, its ranking parameters, the label of the run it is
-    paired with in the report (None: the main reference), and whether it is a baseline."""
+    """One run of a comparison: its label, its ranking parameters (of its first seed), the
+    label of the run it is paired with in the report (None: the main reference), whether it
+    is a baseline, and the training seeds it is run with (baselines: one)."""
 
     label: str
     params: RankParams
     reference: str | None = None
     baseline: bool = False
+    seeds: tuple[int, ...] = (0,)
+
+    def replicas(self) -> list[tuple[str, RankParams]]:
+        """(task label, parameters) of every seed of this run."""
+        if len(self.seeds) == 1:
+            return [(self.label, self.params.model_copy(update={"seed": self.seeds[0]}))]
+        return [(f"{self.label} · seed {s}", self.params.model_copy(update={"seed": s})) for s in self.seeds]
 
 
 def cores() -> int:
@@ -105,6 +113,9 @@ def plan(params: CompareParams, data: Path | None) -> list[PlannedRun]:
         twins = [PlannedRun(run.label + ENHANCED, run.params.model_copy(update={"titles": params.titles}), run.label)
                  for run in runs if not run.baseline and set(roles_of(run.params.fusion)) & {"text", "blip"}]
         runs += twins
+    seeds = tuple(range(params.seed, params.seed + params.seeds))
+    for run in runs:
+        run.seeds = (params.seed,) if run.baseline else seeds
     return runs
 
 
@@ -196,15 +207,18 @@ def model_name(outcome) -> str:
     return "plm-nr" if outcome.finetune else outcome.ranker
 
 
-def build_report(params: CompareParams, workspace: Workspace, runs: list[tuple[PlannedRun, object]]) -> Report:
-    """Score every run on dev with intervals, pair each with its reference, slice."""
+def build_report(params: CompareParams, workspace: Workspace, runs: list[tuple[PlannedRun, list]]) -> Report:
+    """Score every run on dev with intervals, pair each with its reference, slice. `runs`
+    pairs each planned run with the outcomes of its seeds, in `PlannedRun.seeds` order; a run
+    of several seeds gets the two-level bootstrap (rankers.stats), paired seed by seed."""
     from rankers.stats import slice_metrics
 
     data = workspace.data_dir(params.data, params.scale, params.world_seed)
     catalogue = workspace.catalogue(data, params.images)
     dev = workspace.impressions(data, "dev", catalogue)
     has_cover = np.fromiter((n in catalogue.images for n in catalogue.ids), dtype=bool, count=len(catalogue))
-    scores = {p.label: np.load(Path(o.folder) / "scores_dev.npy") for p, o in runs}
+    scores = {p.label: np.stack([np.load(Path(o.folder) / "scores_dev.npy") for o in outcomes])
+              for p, outcomes in runs}  # (S, T) each
     main_ref = main_reference([p for p, _ in runs], params)
     references = {p.label: p.reference if p.reference in scores else main_ref for p, _ in runs if p.label != main_ref}
     # One bootstrap per reference over it and the runs paired with it. A run that is itself
@@ -227,17 +241,22 @@ def build_report(params: CompareParams, workspace: Workspace, runs: list[tuple[P
                 if lbl != ref or lbl not in out:
                     out[lbl] = entry
     report_runs = []
-    for planned, outcome in runs:
-        fit = outcome.fit or {}
+    for planned, outcomes in runs:
+        outcome = outcomes[0]
+        fits = [o.fit or {} for o in outcomes]
         label = planned.label
         multimodal = not planned.baseline and len(roles_of(outcome.fusion)) > 1
-        report_runs.append({
+        entry = {
             "name": label, "ranker": model_name(outcome),
             "sources": [outcome.ranker] if planned.baseline else source_names(outcome),
             "fusion": outcome.fusion if multimodal else None,
             "metrics": slices["all"][label]["metrics"], "impressions": slices["all"][label]["n"],
-            "train_seconds": fit.get("seconds") or None, "train_impressions_per_s": fit.get("train_impressions_per_s") or None,
-        })
+            "train_seconds": _mean([f.get("seconds") for f in fits]),
+            "train_impressions_per_s": _mean([f.get("train_impressions_per_s") for f in fits]),
+        }
+        if "seeds" in slices["all"][label]:
+            entry["seeds"] = [{"seed": s, "metrics": m} for s, m in zip(planned.seeds, slices["all"][label]["seeds"])]
+        report_runs.append(entry)
     # Slices list runs in the report's order.
     slices = {s: {p.label: by_run[p.label] for p, _ in runs if p.label in by_run} for s, by_run in slices.items()}
     paired = {lbl: slices["all"][lbl]["delta"] for lbl in references if slices["all"][lbl]["delta"]}
@@ -269,6 +288,15 @@ def build_report(params: CompareParams, workspace: Workspace, runs: list[tuple[P
         reads_images(p.params.stores.values()) for p, _ in runs) else None
     if warning:
         notes.append(f"Covers: {warning}.")
+    if params.seeds > 1:
+        notes.append(
+            f"Every trained run was trained {params.seeds} times, with seeds {params.seed} to "
+            f"{params.seed + params.seeds - 1}, on the same stores; its value is the mean over seeds, and each "
+            "seed's own value is listed. Intervals come from a two-level bootstrap: each resample draws the seeds "
+            "with replacement and, independently, the dev impressions, and averages the drawn seeds' means over the "
+            "drawn impressions; a paired difference takes each seed of a run against the same seed of its "
+            "reference. So the intervals cover both which impressions were drawn and which seeds were trained "
+            f"(with {params.seeds} seeds the seed part is a rough estimate, narrow rather than wide).")
     notes += ["Share of oracle lift: (AUC - random's AUC) / (oracle's AUC - random's AUC); the oracle ranks by "
               "the synthetic world's true click probabilities."] if any("oracle_share" in r for r in report_runs) else []
     report = {
@@ -289,6 +317,11 @@ def build_report(params: CompareParams, workspace: Workspace, runs: list[tuple[P
     if preset is not None and preset.published:
         report["baselines"] = [dict(p) for p in preset.published]
     return Report.parse(report)
+
+
+def _mean(values: list) -> float | None:
+    known = [float(v) for v in values if v]
+    return sum(known) / len(known) if known else None
 
 
 def add_oracle_share(runs: list[dict]) -> None:

@@ -377,6 +377,7 @@ class CompareParams(BaseModel):
     finetune_epochs: int | None = Field(None, ge=1, le=100)  # None: 3, as published
     tokens: bool = False
     seed: int = Field(0, ge=0)
+    seeds: int = Field(1, ge=1, le=50)  # every trained run with seeds seed, seed+1, ...
     jobs: int | None = Field(None, ge=1, le=64)  # None: runs.compare.default_jobs
     n_boot: int = Field(1000, ge=100, le=100_000)
     score_test: bool = False

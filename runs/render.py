@@ -277,8 +277,10 @@ def _run_name(name: str, reference: str) -> Cell:
 def _main_table(report: Mapping) -> Table:
     ref = report["reference"]
     share = any(_num(run.get("oracle_share")) is not None for run in report["runs"])
+    seeded = any(run.get("seeds") for run in report["runs"])
     headers = ([_text("run"), _text("ranker"), _text("sources")]
                + [_text(LABELS[m], num=True) for m in METRICS]
+               + ([_text("AUC of each seed", True)] if seeded else [])
                + ([_text("share of oracle lift", True)] if share else [])
                + [_text("impressions", True), _text("train time", True), _text("impressions / s", True)])
     rows, classes = [], []
@@ -286,6 +288,8 @@ def _main_table(report: Mapping) -> Table:
         lift = _num(run.get("oracle_share"))
         rows.append([_run_name(run["name"], ref), _text(run["ranker"]), _sources(run)]
                     + [_value_cell(run["metrics"][m]) for m in METRICS]
+                    + ([_text(" / ".join(_fmt(s["metrics"]["auc"], 3) for s in run.get("seeds") or []) or DASH,
+                              True)] if seeded else [])
                     + ([_text(DASH if lift is None else f"{lift:.0%}", True)] if share else [])
                     + [_text(_fmt_int(run["impressions"]), True),
                        _text(_fmt_seconds(run.get("train_seconds")), True),
@@ -351,7 +355,9 @@ def _meta_lines(report: Mapping) -> list[str]:
     ds = report["dataset"]
     extra = ", ".join(f"{k}: {_plain(v)}" for k, v in ds.items() if k != "name")
     boot = report.get("bootstrap") or {}
-    how = f"{_level(report)} percentile bootstrap intervals over impressions"
+    seeded = max((len(run.get("seeds") or []) for run in report["runs"]), default=0)
+    how = f"{_level(report)} percentile bootstrap intervals over impressions" + (
+        f" and the {seeded} training seeds (two-level)" if seeded > 1 else "")
     if boot.get("n_boot"):
         how += f", {_fmt_int(boot['n_boot'])} resamples"
     if boot.get("seed") is not None:

@@ -85,6 +85,18 @@ def _all_metrics(values: Mapping[str, Any]) -> Mapping[str, Any]:
     return values
 
 
+class SeedValue(_Part):
+    """One training seed's own point values on every dev impression."""
+
+    seed: int
+    metrics: dict[Metric, float | None]
+
+    @field_validator("metrics")
+    @classmethod
+    def complete(cls, v: dict) -> dict:
+        return _all_metrics({k: _finite(x) for k, x in v.items()})
+
+
 class RunEntry(_Part):
     name: str
     ranker: str
@@ -96,6 +108,7 @@ class RunEntry(_Part):
     train_impressions_per_s: float | None = None
     notes: str | None = None
     oracle_share: float | None = None
+    seeds: list[SeedValue] | None = None  # a run trained with several seeds: each seed's values
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -115,6 +128,7 @@ class SliceEntry(_Part):
     skipped: int | None = None
     metrics: dict[Metric, Interval]
     delta: dict[Metric, Delta] | None = None
+    seeds: list[dict[Metric, float | None]] | None = None
 
     @field_validator("metrics")
     @classmethod

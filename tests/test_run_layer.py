@@ -291,3 +291,24 @@ def test_a_failing_run_in_its_own_process_is_one_line(tiny_world, tmp_path):
                         progress=False)
     with pytest.raises(PipelineError, match=r"^no fine-tuned store of bert .*--finetune --features bert\)"):
         run_isolated(params)
+
+
+def test_a_comparison_over_seeds_reports_every_seed(tiny_world, tmp_path, prefect_harness):
+    import json
+
+    from flows.compare import build_flow
+
+    params = CompareParams(data=tiny_world, rankers=["nrms"], sources=["text", "hadamard"], baselines=["popularity"],
+                           seeds=2, seed=3, jobs=2, epochs=2, n_boot=100, storage=tmp_path, name="seeds",
+                           progress=False)
+    result = build_flow()(params)
+    report = json.loads((Path(result["folder"]) / "metrics.json").read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    for name in ("nrms · text", "nrms · text+image (hadamard)"):
+        seeds = runs[name]["seeds"]
+        assert [s["seed"] for s in seeds] == [3, 4]
+        assert runs[name]["metrics"]["auc"]["value"] == pytest.approx(sum(s["metrics"]["auc"] for s in seeds) / 2)
+        for s in (3, 4):  # each seed trained into a folder of its own
+            assert (tmp_path / "models" / f"tiny__nrms__{name.split(' · ')[1].split(' ')[0].replace('text+image', 'hadamard')}__bert{'+vit' if 'image' in name else ''}__seed{s}").is_dir()
+    assert runs["popularity"].get("seeds") is None  # a deterministic baseline runs once
+    assert "two-level bootstrap" in " ".join(report["notes"])
