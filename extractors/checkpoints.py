@@ -27,6 +27,7 @@ folder, with `local_files_only=True`, and nothing here sets process-wide state.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 from collections.abc import Callable
@@ -35,9 +36,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from extractors.config import TINY, ExtractorConfig, default_pooling
-from extractors.families import (BLIP_RETRIEVAL, BLIP_TYPES, OTHER_MULTIMODAL, OTHER_WEIGHTS, TEXT_TYPES,
-                                 VISION_TYPES, ImagePrep, SentencePooling, image_prep, read_json, sentence_pooling,
-                                 tokenizer_files, weight_files)
+from extractors.families import (BLIP_RETRIEVAL, BLIP_TYPES, OTHER_MULTIMODAL, OTHER_WEIGHTS, SENTENCEPIECE_FILES,
+                                 TEXT_TYPES, VISION_TYPES, ImagePrep, SentencePooling, image_prep, read_json,
+                                 sentence_pooling, tokenizer_files, weight_files)
 from storage.errors import PipelineError
 
 T = TypeVar("T")
@@ -111,14 +112,6 @@ class Checkpoint:
     def slug(self) -> str:
         """The store-name part: `bert-tiny`, or `NAME-<label>-<10 hex of the identity>`."""
         return identity_slug(self.extractor, self.identity)
-
-    def describe(self) -> str:
-        """One line for the user: what was resolved, from where, with which weights."""
-        if self.is_tiny:
-            return f"{self.extractor}:tiny (seeded random weights)"
-        where = (f"the Hugging Face cache ({self.repo} at revision {self.revision[:12]})" if self.source == "hub"
-                 else f"the folder {self.path} (files {self.revision.removeprefix('files-')[:12]})")
-        return f"{self.extractor}:{self.checkpoint}: {self.format} {self.family} from {where}"
 
     def extractor_config(self, modality: str, **fields) -> ExtractorConfig:
         """The extractor config these weights are used with (its pooling, identity and family)."""
@@ -237,7 +230,7 @@ def locate(kind: str, checkpoint: str, hub_prefix: str = "") -> tuple[Path, str,
     if path.is_file():
         raise _missing(kind, checkpoint, f"{path.resolve()} is a file, not a checkpoint folder",
                        f"pass the folder that holds it ({path.resolve().parent})")
-    if checkpoint.startswith(("/", ".", "~")) or os.sep + os.sep in checkpoint:
+    if checkpoint.startswith(("/", ".", "~")):
         raise _missing(kind, checkpoint, f"the directory {path.resolve()} does not exist")
     name, revision = _hub_name(checkpoint)
     cache = hub_cache()
@@ -291,10 +284,27 @@ def _need_weights(folder: Path, kind: str, checkpoint: str) -> None:
                    "copy the weights of the same checkpoint into that folder (an interrupted download leaves this)")
 
 
+def _installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is absent
+        return False
+
+
 def _need_tokenizer(folder: Path, kind: str, checkpoint: str) -> None:
-    if not tokenizer_files(folder):
+    found = tokenizer_files(folder)
+    if not found:
         raise _missing(kind, checkpoint, f"{folder} has no tokenizer (tokenizer.json, vocab.txt, vocab.json or a "
                        "SentencePiece model)", "copy the tokenizer files of the same checkpoint into that folder")
+    if set(found) <= set(SENTENCEPIECE_FILES):
+        absent = [m for m in ("sentencepiece", "google.protobuf") if not _installed(m)]
+        if absent:
+            raise _missing(kind, checkpoint, f"its only tokenizer is a SentencePiece model ({', '.join(found)}), and "
+                           f"transformers reads one only with the sentencepiece and protobuf packages "
+                           f"({', '.join(a.removeprefix('google.') for a in absent)} not installed)",
+                           "install them (`uv add sentencepiece protobuf`), or add the checkpoint's tokenizer.json "
+                           "(saved by `save_pretrained` of its tokenizer on a machine that has them)")
 
 
 def _what_it_is(config: dict) -> str:

@@ -167,11 +167,23 @@ def broken(folders, tmp_path_factory) -> dict[str, Path]:
     config = json.loads((out["remote-code"] / "config.json").read_text())
     (out["remote-code"] / "config.json").write_text(json.dumps({**config, "model_type": "new",
                                                                 "auto_map": {"AutoModel": "modeling.NewModel"}}))
+    out["spm-only"] = _copy(folders["microsoft/deberta-v3-base"], root / "spm-only")
+    (out["spm-only"] / "tokenizer.json").unlink()
+    (out["spm-only"] / "spm.model").write_bytes(b"\x0a\x0b")  # microsoft/deberta-v3-base ships only this
     out["dense"] = _copy(folders["sentence-transformers/all-MiniLM-L6-v2"], root / "dense")
     modules = json.loads((out["dense"] / "modules.json").read_text())
     modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     (out["dense"] / "modules.json").write_text(json.dumps(modules))
     return out
+
+
+def _sentencepiece_readable() -> bool:
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(m) for m in ("sentencepiece", "google.protobuf"))
+    except ModuleNotFoundError:
+        return False
 
 
 FAILURES = [
@@ -188,7 +200,9 @@ FAILURES = [
     ("bert:{dense}", ["Dense (2_Dense)", "pooling cls or mean"]),
     ("bert:no-org/no-such-model", ["not a local folder", "hf download no-org/no-such-model", "tiny"]),
     ("vit:./no/such/dir", ["does not exist"]),
-]
+] + ([] if _sentencepiece_readable() else [  # where they are installed, such a checkpoint loads
+    ("bert:{spm-only}", ["only tokenizer is a SentencePiece model (spm.model)", "uv add sentencepiece"]),
+])
 
 
 @pytest.mark.parametrize("spec, expected", FAILURES, ids=[f[0] for f in FAILURES])
@@ -313,3 +327,38 @@ def test_weights_replaced_in_place_are_never_served_stale(folders, world, tmp_pa
     assert not fresh.cached and fresh.path != first.path
     assert not np.allclose(stored(first)[0], stored(fresh)[0])
     assert slug_of("bert", str(folder)) == fresh.path.name.split("__")[1]
+
+
+# ---------------------------------------------------------------- the documented table
+
+
+def test_the_documented_table_is_what_the_tests_load():
+    """docs/checkpoints.md's table of families (the README's) lists exactly these layouts,
+    with the family and default pooling the preflight finds (checked above, per layout)."""
+    rows = set()
+    for line in (ROOT / "docs" / "checkpoints.md").read_text().splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[0] in ("bert", "vit", "blip"):
+            rows.add((cells[0], cells[1], cells[2], cells[3].split()[0]))
+    assert rows == {(layout.extractor, layout.family, repo, layout.pooling) for repo, layout in LAYOUTS.items()}
+
+
+def test_the_benchmark_runs_over_real_layouts(tmp_path, monkeypatch, tiny_world):
+    """benchmarks/extract.py times the thesis' three checkpoints from their layouts; shrunk here."""
+    import importlib.util
+
+    (tmp_path / "synthetic-tiny-seed0").symlink_to(tiny_world)  # the world it would generate
+
+    spec = importlib.util.spec_from_file_location("bench_extract", ROOT / "benchmarks" / "extract.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    out = tmp_path / "result.json"
+    assert bench.main(["--models", "tiny", "--checkpoints", "layouts", "--device", "cpu", "--scale", "tiny",
+                       "--rows", "12", "--naive-rows", "3", "--threads", "1", "--cache", str(tmp_path),
+                       "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["checkpoints"] == "layouts" and [r["extractor"] for r in doc["results"]] == ["bert", "vit", "blip"]
+    assert all(r["rows"] == 12 and r["max_abs_diff"] < 1e-2 for r in doc["results"])
+    written = {p.name for p in (tmp_path / "checkpoints" / "tiny").iterdir()}
+    assert written == {"bert-base-uncased", "google__vit-base-patch16-224", "Salesforce__blip-itm-base-coco"}
