@@ -49,6 +49,7 @@ POOLINGS = ("cls", "mean", "model")
 CLIP's projection into the joint image-text space, timm's head)."""
 _HEX40 = re.compile(r"^[0-9a-f]{40}$")
 _IGNORED_SUFFIXES = (".md", ".lock", ".incomplete")
+MAX_CHECKPOINT_FILES = 10_000
 
 
 def hub_cache() -> Path:
@@ -147,11 +148,16 @@ def _folder_label(path: Path) -> str:
 
 
 def files_digest(folder: Path) -> str:
-    """sha256 over the relative names, sizes and modification times of a folder's files
-    (hidden entries and READMEs aside): replacing the weights in place changes it."""
+    """`files-<sha256>` over the relative names, sizes and modification times of a folder's
+    files (hidden entries and READMEs aside): replacing the weights in place changes it."""
     digest = hashlib.sha256(b"mmnews-checkpoint-files-v1\n")
+    seen = 0
     for root, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        seen += len(files)
+        if seen > MAX_CHECKPOINT_FILES:
+            raise PipelineError(f"{folder} holds more than {MAX_CHECKPOINT_FILES:,} files, not one checkpoint; pass "
+                                "the folder that holds its config.json and weights")
         for name in sorted(files):
             if name.startswith(".") or name.lower().endswith(_IGNORED_SUFFIXES):
                 continue
@@ -161,7 +167,7 @@ def files_digest(folder: Path) -> str:
             except OSError:
                 continue  # a dangling link: the loader will name it if it matters
             digest.update(f"{path.relative_to(folder)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+    return "files-" + digest.hexdigest()
 
 
 def _missing(kind: str, checkpoint: str, where: str, fix: str = "") -> PipelineError:
@@ -222,11 +228,11 @@ def _snapshot(cache: Path, repo: str, revision: str | None, kind: str, checkpoin
 
 
 def locate(kind: str, checkpoint: str, hub_prefix: str = "") -> tuple[Path, str, str, str]:
-    """(folder, source `local` or `hub`, repo, revision) of a non-tiny checkpoint."""
+    """(folder, source `local` or `hub`, repo, commit) of a non-tiny checkpoint; the commit is
+    empty for a local folder (its `files_digest` is taken once its files made sense)."""
     path = Path(checkpoint).expanduser()
     if path.is_dir():
-        folder = path.resolve()
-        return folder, "local", "", "files-" + files_digest(folder)
+        return path.resolve(), "local", "", ""
     if path.is_file():
         raise _missing(kind, checkpoint, f"{path.resolve()} is a file, not a checkpoint folder",
                        f"pass the folder that holds it ({path.resolve().parent})")
@@ -430,6 +436,7 @@ def ensure_available(name: str, checkpoint: str, pooling: str | None = None) -> 
         return Checkpoint(found.name, TINY, "tiny", kind, pooling=default_pooling(TINY, pooling))
     folder, source, repo, revision = locate(kind, checkpoint, found.hub_prefix)
     what = _INSPECT[found.modality](folder, kind, checkpoint)
+    revision = revision or files_digest(folder)
     chosen = pooling or what["default"]
     label = f"{found.name}:{checkpoint}"
     if chosen is None and what["format"] != "timm":
@@ -467,7 +474,8 @@ def slug_of(name: str, checkpoint: str) -> str:
 
     found = entry(name)
     folder, source, repo, revision = locate(found.kind, checkpoint, found.hub_prefix)
-    return Checkpoint(found.name, checkpoint, source, found.kind, path=folder, repo=repo, revision=revision).slug
+    return Checkpoint(found.name, checkpoint, source, found.kind, path=folder, repo=repo,
+                      revision=revision or files_digest(folder)).slug
 
 
 def load_or_explain(ckpt: Checkpoint, what: str, loader: Callable[[], T]) -> T:
