@@ -40,8 +40,8 @@ cost what pre-trained ones cost, offline), built one of two ways (`--checkpoints
   base-size models built in code (timm vit_base_patch16_224, `BlipForImageTextRetrieval(BlipConfig())`).
 On CUDA with base models, the issue's targets for one H100 are printed beside the figures.
 
-Usage: python benchmarks/extract.py [--models tiny|base] [--checkpoints layouts|code] [--device auto|cpu|cuda] [--scale small]
-       [--rows N] [--naive-rows N] [--repeats R] [--extractors bert,vit,blip] [--batch-size N]
+Usage: python benchmarks/extract.py [--models tiny|base] [--checkpoints layouts|code] [--device auto|cpu|cuda]
+       [--scale small] [--rows N] [--naive-rows N] [--repeats R] [--extractors bert,vit,blip] [--batch-size N]
        [--workers N] [--threads N] [--no-tokens] [--json PATH]
        python benchmarks/extract.py --host-path [--rows N] [--repeats R] [--batch-size N] [--json PATH]
 Base models on a CPU default to --rows 128 --naive-rows 16: a base BLIP does under one news/s
@@ -305,7 +305,8 @@ def naive(extractor, catalogue, n: int, dev: torch.device, tokens: bool) -> tupl
 
     def padded(title: str) -> dict[str, torch.Tensor]:
         batch = extractor.tokenizer(
-            extractor.prepare_titles([title])[0], padding="max_length", truncation=True, max_length=extractor.config.max_length, return_tensors="pt"
+            extractor.prepare_titles([title])[0], padding="max_length", truncation=True,
+            max_length=extractor.config.max_length, return_tensors="pt",
         )
         return {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}  # (1, L)
 

@@ -286,7 +286,8 @@ def _need_weights(folder: Path, kind: str, checkpoint: str) -> None:
     if other:
         raise _missing(kind, checkpoint, f"{folder} holds only {', '.join(other)}, not PyTorch weights",
                        "convert it or download the model.safetensors (or pytorch_model.bin) of the same checkpoint")
-    raise _missing(kind, checkpoint, f"{folder} holds config.json but no weights (model.safetensors or pytorch_model.bin)",
+    raise _missing(kind, checkpoint,
+                   f"{folder} holds config.json but no weights (model.safetensors or pytorch_model.bin)",
                    "copy the weights of the same checkpoint into that folder (an interrupted download leaves this)")
 
 
@@ -405,7 +406,8 @@ def _inspect_blip(folder: Path, kind: str, checkpoint: str) -> dict:
     if architectures and BLIP_RETRIEVAL not in architectures:
         raise _missing(kind, checkpoint, f"it is a BLIP {', '.join(map(str, architectures))} checkpoint, which has no "
                        "image-text matching encoder", "pass an image-text retrieval checkpoint such as "
-                       "Salesforce/blip-itm-base-coco, blip-itm-large-coco, blip-itm-base-flickr or blip-itm-large-flickr")
+                       "Salesforce/blip-itm-base-coco, blip-itm-large-coco, blip-itm-base-flickr or "
+                       "blip-itm-large-flickr")
     _need_weights(folder, kind, checkpoint)
     _need_tokenizer(folder, kind, checkpoint)
     prep = image_prep(folder)
@@ -451,7 +453,8 @@ def ensure_available(name: str, checkpoint: str, pooling: str | None = None) -> 
                                 "to follow; pass pooling cls or mean")
         if sentence.unsupported:
             raise PipelineError(f"{label}: its sentence-transformers pipeline also runs "
-                                f"{', '.join(sentence.unsupported)}, which this project does not; pass pooling cls or mean")
+                                f"{', '.join(sentence.unsupported)}, which this project does not; "
+                                "pass pooling cls or mean")
     if chosen == "cls" and what.get("no_class"):
         raise PipelineError(f"{label} ({what['family']} {what['architecture']}) has no class token; pass pooling "
                             f"model (its {what['model_pooling']}) or mean")

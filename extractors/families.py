@@ -35,7 +35,8 @@ BLIP_TYPES = {"blip": "BLIP"}
 BLIP_RETRIEVAL = "BlipForImageTextRetrieval"
 OTHER_MULTIMODAL = {"blip-2": "BLIP-2", "instructblip": "InstructBLIP", "siglip2": "SigLIP 2", "llava": "LLaVA"}
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 SENTENCEPIECE_FILES = ("spm.model", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", *SENTENCEPIECE_FILES)
@@ -47,8 +48,8 @@ _IMAGENET_DEFAULT = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 # Defaults of the image processors (transformers 5), for keys a preprocessor_config.json leaves out.
 _PROCESSOR_DEFAULTS = {
-    "ViT": ("bilinear", _IMAGENET_STANDARD), "CLIP": ("bicubic", _OPENAI_CLIP), "Siglip": ("bicubic", _IMAGENET_STANDARD),
-    "Bit": ("bicubic", _OPENAI_CLIP), "Blip": ("bicubic", _OPENAI_CLIP),
+    "ViT": ("bilinear", _IMAGENET_STANDARD), "CLIP": ("bicubic", _OPENAI_CLIP),
+    "Siglip": ("bicubic", _IMAGENET_STANDARD), "Bit": ("bicubic", _OPENAI_CLIP), "Blip": ("bicubic", _OPENAI_CLIP),
 }
 
 

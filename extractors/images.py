@@ -8,8 +8,8 @@ never decoded into silently wrong pixels. So is an image of more than `MAX_PIXEL
 gigabytes) is refused from its header, before anything is decoded. The limit is this
 module's, passed to no one: Pillow's own process-wide guard is left as it is. A JPEG much
 larger than the model needs is decoded at a reduced scale (Pillow's draft mode: 1/2, 1/4 or
-1/8, never below the size the crop and resize need), which costs a fraction of a full decode. News without a usable image follow the `missing`
-strategy: `card` renders the title-only card the way IM-MIND does, `blank` is a white card,
+1/8, never below the size the crop and resize need), which costs a fraction of a full decode.
+News without a usable image follow the `missing` strategy: `card` renders the title-only card the way IM-MIND does, `blank` is a white card,
 `zeros` gives an all-zero model input with `present = False`.
 
 Extraction keeps the workers' share small: a worker only decodes, crops and resizes, and hands

@@ -131,7 +131,8 @@ def _sentence(text_writer: Callable, modes: Sequence[str], normalize: bool, max_
         modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
         if normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
+                            "type": "sentence_transformers.models.Normalize"})
         _json(out / "modules.json", modules)
         _json(out / "1_Pooling" / "config.json", {
             "word_embedding_dimension": width, "pooling_mode_cls_token": "cls" in modes,
@@ -149,8 +150,8 @@ def _sentence(text_writer: Callable, modes: Sequence[str], normalize: bool, max_
 def _vision_dims(size: str, hidden: int = 768, patch: int = 16, image: int = 224) -> dict:
     if size == "tiny":
         return dict(TINY, image_size=TINY_IMAGE, patch_size=TINY_PATCH)
-    return dict(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=hidden // 64, intermediate_size=4 * hidden,
-                image_size=image, patch_size=patch)
+    return dict(hidden_size=hidden, num_hidden_layers=12, num_attention_heads=hidden // 64,
+                intermediate_size=4 * hidden, image_size=image, patch_size=patch)
 
 
 def _side(size: str, base: int) -> int:
@@ -211,7 +212,9 @@ def _timm(architecture: str):
         import timm
         from timm.models import save_for_hf
 
-        args = dict(depth=2, embed_dim=32, num_heads=2, img_size=TINY_IMAGE, patch_size=TINY_PATCH) if size == "tiny" else {}
+        args = {}
+        if size == "tiny":
+            args = dict(depth=2, embed_dim=32, num_heads=2, img_size=TINY_IMAGE, patch_size=TINY_PATCH)
         model = timm.create_model(architecture, pretrained=False, **args)
         save_for_hf(model, str(out), safe_serialization=True)
 
@@ -229,15 +232,16 @@ def _blip(vision_hidden: int, vision_layers: int, preprocessor_size):
             joint = 16
         else:
             text = dict(vocab_size=30524, encoder_hidden_size=vision_hidden)
-            vision = dict(hidden_size=vision_hidden, num_hidden_layers=vision_layers, num_attention_heads=vision_hidden // 64,
-                          intermediate_size=4 * vision_hidden, image_size=384, patch_size=16)
+            vision = dict(hidden_size=vision_hidden, num_hidden_layers=vision_layers,
+                          num_attention_heads=vision_hidden // 64, intermediate_size=4 * vision_hidden,
+                          image_size=384, patch_size=16)
             joint = 256
         text.update(pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, bos_token_id=len(tok))
-        _save(BlipForImageTextRetrieval(BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=joint)),
-              out)
+        config = BlipConfig(text_config=text, vision_config=vision, image_text_hidden_size=joint)
+        _save(BlipForImageTextRetrieval(config), out)
         side = _side(size, 384)
-        prep = {"do_normalize": True, "do_resize": True, "image_mean": _OPENAI[0],
-                "image_processor_type": "BlipImageProcessor", "image_std": _OPENAI[1], "processor_class": "BlipProcessor"}
+        prep = {"do_normalize": True, "do_resize": True, "image_mean": _OPENAI[0], "image_std": _OPENAI[1],
+                "image_processor_type": "BlipImageProcessor", "processor_class": "BlipProcessor"}
         prep["size"] = side if preprocessor_size == "int" else {"height": side, "width": side}
         if preprocessor_size != "int":
             prep.update(resample=3, rescale_factor=1 / 255, do_rescale=True)

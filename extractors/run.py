@@ -302,7 +302,8 @@ def _matching_store(path: Path, meta: StoreMeta, ids: np.ndarray, shard: Shard |
             if not stale and shard is not None:
                 stale = list(shard_problems(shard, store, meta, all_ids))
             if stale:
-                log.warning("%s was made with other settings or data (%s); extracting again", path, "; ".join(stale[:3]))
+                log.warning("%s was made with other settings or data (%s); extracting again", path,
+                            "; ".join(stale[:3]))
                 return None
             return int(store.present.sum())
     except StoreIOError:

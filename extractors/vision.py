@@ -42,7 +42,8 @@ class TimmReader:
         self.num_tokens = int(model.patch_embed.num_patches + model.num_prefix_tokens)
         self.token_dim = int(getattr(model, "embed_dim", model.num_features))
         self.pooled_dim = int(model.num_features)
-        self.default_pooling = "cls" if self.has_class_token and getattr(model, "global_pool", "") == "token" else "model"
+        pools_by_class = self.has_class_token and getattr(model, "global_pool", "") == "token"
+        self.default_pooling = "cls" if pools_by_class else "model"
 
     def width(self, pooling: str) -> int:
         return self.pooled_dim if pooling == "model" else self.token_dim

@@ -112,7 +112,8 @@ def reference_vision(family: str, path: Path, images, pooling: str) -> np.ndarra
         options = {"do_center_crop": False, "size": {"height": crop["height"], "width": crop["width"]}}
     pixels = processor(images=images, return_tensors="pt", **options)["pixel_values"]
     if family == "ViT":
-        return transformers.ViTForImageClassification.from_pretrained(str(path)).vit(pixels).last_hidden_state[:, 0].numpy()
+        model = transformers.ViTForImageClassification.from_pretrained(str(path)).eval()
+        return model.vit(pixels).last_hidden_state[:, 0].numpy()
     if family == "CLIP":
         model = transformers.CLIPModel.from_pretrained(str(path)).eval()
         if pooling == "model":

@@ -162,7 +162,8 @@ def broken(folders, tmp_path_factory) -> dict[str, Path]:
     (out["no-preprocessor"] / "preprocessor_config.json").unlink()
     out["captioning"] = _copy(folders["Salesforce/blip-itm-base-coco"], root / "captioning")
     config = json.loads((out["captioning"] / "config.json").read_text())
-    (out["captioning"] / "config.json").write_text(json.dumps({**config, "architectures": ["BlipForConditionalGeneration"]}))
+    captioning = {**config, "architectures": ["BlipForConditionalGeneration"]}
+    (out["captioning"] / "config.json").write_text(json.dumps(captioning))
     out["remote-code"] = _copy(folders["bert-base-uncased"], root / "remote-code")
     config = json.loads((out["remote-code"] / "config.json").read_text())
     (out["remote-code"] / "config.json").write_text(json.dumps({**config, "model_type": "new",
@@ -257,8 +258,12 @@ def test_library_code_sets_no_environment_variable():
 
     for path in sorted((ROOT / "extractors").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            target = node.func if isinstance(node, ast.Call) else node.targets[0] if isinstance(node, ast.Assign) else None
-            text = ast.unparse(target) if target is not None else ""
+            if isinstance(node, ast.Call):
+                text = ast.unparse(node.func)
+            elif isinstance(node, ast.Assign):
+                text = ast.unparse(node.targets[0])
+            else:
+                continue
             assert not text.startswith(("os.environ.setdefault", "os.environ.update", "os.environ[", "os.putenv")), \
                 f"{path.name}:{node.lineno}: {text}"
 
