@@ -336,8 +336,8 @@ def _pass_instead(config: dict, checkpoint: str) -> str:
     if config.get("auto_map"):
         return ("it needs custom model code (auto_map in config.json), which this project never runs; use a "
                 "version of the model in a standard architecture")
-    return f"bert takes {', '.join(sorted(set(TEXT_TYPES.values())))}; vit takes timm models and " \
-           f"{', '.join(sorted(set(VISION_TYPES.values())))}; blip takes {BLIP_RETRIEVAL}"
+    return (f"bert takes {', '.join(sorted(set(TEXT_TYPES.values())))}; vit takes timm models and "
+            f"{', '.join(sorted(set(VISION_TYPES.values())))}; blip takes {BLIP_RETRIEVAL}")
 
 
 def _int(value) -> int | None:
@@ -446,7 +446,7 @@ def ensure_available(name: str, checkpoint: str, pooling: str | None = None) -> 
             f"{label} is a sentence-transformers model whose pipeline also runs "
             f"{', '.join(what['sentence'].unsupported)}, which this project does not; pass pooling cls or mean to "
             "store the encoder's own token pooling instead")
-    if chosen == "model" and what["format"] == "transformers" and what["family"] in TEXT_TYPES.values():
+    if chosen == "model" and found.modality == "text":
         sentence = what["sentence"]
         if sentence is None:
             raise PipelineError(f"{label} has no sentence-transformers pooling (modules.json, 1_Pooling/config.json) "
