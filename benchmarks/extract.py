@@ -28,14 +28,20 @@ cut to its longest) and ViT-B/16's (197 x 768, in order) go through the chunk bu
 All four must store the same bytes (checked). Targets for one H100 are printed beside.
 
 Data: the synthetic world (`storage.synthetic.generate_world`, `--scale`, made once under
-benchmarks/.cache/), all its news or the first --rows of them. `--models base` builds
-base-size models with random weights (they cost what pre-trained ones cost, offline): BERT-base
-(12 layers, 768) with the tiny tokenizer learned from the titles, timm vit_base_patch16_224,
-and BLIP base (ViT-B/16 at 384 px, BERT-base text) as `BlipForImageTextRetrieval(BlipConfig())`.
+benchmarks/.cache/), all its news or the first --rows of them. Models have random weights (they
+cost what pre-trained ones cost, offline), built one of two ways (`--checkpoints`):
+- `layouts` (default with `--models base`): checkpoints written in the on-disk layouts of the
+  thesis' public ones (extractors/layouts.py, once, under benchmarks/.cache/checkpoints/) and
+  loaded by the registry exactly as a user's `bert:DIR` would be: bert-base-uncased (BERT-base,
+  12 layers, 768), google/vit-base-patch16-224 (transformers ViT-B/16, 224 px) and
+  Salesforce/blip-itm-base-coco (BLIP base, ViT-B/16 at 384 px, BERT-base text). With
+  `--models tiny` the same layouts shrunk to 2 layers of width 32 (a quick check on a CPU);
+- `code` (default with `--models tiny`): the registry's tiny models, or with `--models base`
+  base-size models built in code (timm vit_base_patch16_224, `BlipForImageTextRetrieval(BlipConfig())`).
 On CUDA with base models, the issue's targets for one H100 are printed beside the figures.
 
-Usage: python benchmarks/extract.py [--models tiny|base] [--device auto|cpu|cuda] [--scale small]
-       [--rows N] [--naive-rows N] [--repeats R] [--extractors bert,vit,blip] [--batch-size N]
+Usage: python benchmarks/extract.py [--models tiny|base] [--checkpoints layouts|code] [--device auto|cpu|cuda]
+       [--scale small] [--rows N] [--naive-rows N] [--repeats R] [--extractors bert,vit,blip] [--batch-size N]
        [--workers N] [--threads N] [--no-tokens] [--json PATH]
        python benchmarks/extract.py --host-path [--rows N] [--repeats R] [--batch-size N] [--json PATH]
 Base models on a CPU default to --rows 128 --naive-rows 16: a base BLIP does under one news/s
@@ -186,8 +192,31 @@ def warm_page_cache(catalogue) -> None:
 # ---------------------------------------------------------------- models
 
 
-def build(name: str, models: str, titles: list[str]):
-    """The extractor `name`: the registry's tiny one, or a base-size one with random weights."""
+LAYOUT_OF = {"bert": "bert-base-uncased", "vit": "google/vit-base-patch16-224", "blip": "Salesforce/blip-itm-base-coco"}
+"""The public checkpoint whose layout each extractor is timed over (the thesis' three)."""
+
+
+def from_layout(name: str, models: str, titles: list[str], cache: Path):
+    """The extractor `name` over a random-weight checkpoint in its public layout, written once
+    under `cache` and loaded through the registry as `NAME:DIR`."""
+    from extractors.layouts import write_checkpoint
+    from extractors.registry import create
+
+    repo = LAYOUT_OF[name]
+    folder = cache / "checkpoints" / models / repo.replace("/", "__")
+    if not (folder / "config.json").is_file():
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        write_checkpoint(repo, partial, titles, size=models)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)  # only a finished checkpoint gets the reusable name
+    return create(f"{name}:{folder}")
+
+
+def build(name: str, models: str, titles: list[str], checkpoints: str = "code", cache: Path | None = None):
+    """The extractor `name`: from a real layout, the registry's tiny one, or a base-size one built in code."""
+    if checkpoints == "layouts":
+        return from_layout(name, models, titles, cache or Path(tempfile.mkdtemp()))
     if models == "tiny":
         from extractors.registry import create
 
@@ -271,12 +300,13 @@ def naive(extractor, catalogue, n: int, dev: torch.device, tokens: bool) -> tupl
         )
     length = token_len(extractor)
     vectors = np.zeros((n, extractor.dim), dtype=np.float16)  # (n, D), the store's dtype
-    token_vectors = np.zeros((n, length, extractor.dim), dtype=np.float16) if tokens else None  # (n, L, D)
+    token_vectors = np.zeros((n, length, extractor.token_dim), dtype=np.float16) if tokens else None  # (n, L, Dt)
     mask = np.zeros((n, length), dtype=bool) if tokens else None  # (n, L)
 
     def padded(title: str) -> dict[str, torch.Tensor]:
         batch = extractor.tokenizer(
-            title, padding="max_length", truncation=True, max_length=extractor.config.max_length, return_tensors="pt"
+            extractor.prepare_titles([title])[0], padding="max_length", truncation=True,
+            max_length=extractor.config.max_length, return_tensors="pt",
         )
         return {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev)}  # (1, L)
 
@@ -300,7 +330,7 @@ def naive(extractor, catalogue, n: int, dev: torch.device, tokens: bool) -> tupl
 
 
 def measure(name: str, args: argparse.Namespace, catalogue, dev: torch.device, workdir: Path) -> Measure:
-    extractor = build(name, args.models, [str(t) for t in catalogue.title])
+    extractor = build(name, args.models, [str(t) for t in catalogue.title], args.checkpoints, args.cache)
     extractor.to(dev)
     batch_size = args.batch_size or default_batch_size(args.models, dev)
     workers = 0 if extractor.modality == "text" else args.workers
@@ -573,6 +603,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", choices=("tiny", "base"), default="tiny",
                         help="tiny: the registry's seeded tiny models; base: base-size models, random weights")
+    parser.add_argument("--checkpoints", choices=("auto", "layouts", "code"), default="auto",
+                        help="layouts: random weights in the public checkpoints' on-disk layouts, loaded as NAME:DIR; "
+                             "code: models built in code (default: layouts with --models base, code with tiny)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--extractors", default=",".join(EXTRACTORS),
                         help=f"comma-separated subset of {','.join(EXTRACTORS)}")
@@ -603,6 +636,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "and the store writer, the old engine against the new")
     args = parser.parse_args(argv)
     args.extractors = [e.strip().lower() for e in args.extractors.split(",") if e.strip()]
+    if args.checkpoints == "auto":
+        args.checkpoints = "layouts" if args.models == "base" else "code"
     unknown = [e for e in args.extractors if e not in EXTRACTORS]
     if unknown or not args.extractors:
         parser.error(f"--extractors: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(EXTRACTORS)}")
@@ -680,7 +715,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data: synthetic world scale={args.scale} seed={args.seed} in {world}")
     print(f"      {len(catalogue):,} of its {len(full):,} news, {covers:,} with a card image "
           f"(the others get a rendered title card)")
-    print(f"models: {args.models}; token vectors {'on' if args.tokens else 'off'}; "
+    source = ("random weights in the layouts of " + ", ".join(LAYOUT_OF[e] for e in args.extractors)
+              if args.checkpoints == "layouts" else "built in code")
+    print(f"models: {args.models}, {source}; token vectors {'on' if args.tokens else 'off'}; "
           f"card workers {args.workers} ({workers_note}); torch threads {args.threads} ({threads_note}); "
           f"best of {args.repeats} run(s) per path")
     print(flush=True)
@@ -698,6 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.json is not None:
         doc = {"machine": info, "scale": args.scale, "seed": args.seed, "models": args.models,
+               "checkpoints": args.checkpoints,
                "tokens": args.tokens, "repeats": args.repeats, "results": [m.to_dict() for m in results]}
         if dev.type == "cuda" and args.models == "base":
             doc["targets"] = {m.extractor: {"target": TARGETS[m.extractor][0],

@@ -1,11 +1,16 @@
 """`blip`: transformers BLIP over a news title and its card together.
 
-Three vectors per news: the image embedding, the text embedding, and the image-grounded text
-embedding (the text encoder cross-attending to the image: BLIP's image-text matching state),
-which is the multimodal vector this extractor stores as `vectors`. `blip:tiny` is a 2-layer
-BLIP with seeded random weights and the tiny text tokenizer; `blip:NAME` or `blip:/dir` loads
-`BlipForImageTextRetrieval` with its processor (e.g. Salesforce/blip-itm-base-coco).
-Letters: B batch, L tokens, P patches, D width.
+Three vectors per news, as `BlipForImageTextRetrieval` computes them: the image-grounded text
+embedding (the text encoder cross-attending to the image; its [CLS] is what the image-text
+matching head reads), stored as `vectors`; and BLIP's unimodal embeddings in the joint
+image-text space, returned as `extras`: `image_embeds` (the normalised projection of the image
+[CLS]) and `text_embeds` (that of the text alone), BLIP's retrieval pair (`use_itm_head=False`).
+`blip:tiny` is a 2-layer BLIP with seeded random weights and the tiny text tokenizer;
+`blip:NAME` or `blip:/dir` loads a retrieval checkpoint (Salesforce/blip-itm-{base,large}-
+{coco,flickr}) with its tokenizer, and its image size, mean, std and resampling from
+preprocessor_config.json. Pooling of the grounded tokens: `cls` (default; `model` is the same)
+or `mean`.
+Letters: B batch, L tokens, P patches, D width, E joint-space width.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from extractors.checkpoints import load_or_explain
-from extractors.config import ExtractorConfig, default_pooling
-from extractors.encoded import Encoded, pool, set_trainable, tokenize_titles
+from extractors.checkpoints import ensure_available, load_or_explain
+from extractors.config import ExtractorConfig
+from extractors.encoded import Encoded, pool, prepare_titles, set_trainable, tokenize_titles
 from extractors.images import ImageTransform
 from extractors.tokenizer import tiny_tokenizer
 
@@ -37,6 +42,8 @@ class BlipExtractor(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.dim = int(model.config.text_config.hidden_size)
+        self.token_dim = self.dim
+        self.num_tokens = int(config.max_length)
         self.projection_dim = int(model.config.image_text_hidden_size)
         self.transform = ImageTransform(
             size=config.image_size, mean=config.mean, std=config.std, crop=config.crop, interpolation=config.interpolation
@@ -46,8 +53,12 @@ class BlipExtractor(nn.Module):
     def set_trainable(self, trainable: bool) -> None:
         set_trainable(self, trainable)
 
+    def prepare_titles(self, titles: Sequence[object]) -> list[str]:
+        """The text the tokenizer is given (cut to a sane length)."""
+        return prepare_titles(titles, self.config.max_length)
+
     def tokenize(self, titles: Sequence[str]) -> dict[str, torch.Tensor]:
-        return tokenize_titles(self.tokenizer, titles, self.config.max_length)
+        return tokenize_titles(self.tokenizer, self.prepare_titles(titles), self.config.max_length)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor, return_tokens: bool = False
@@ -59,11 +70,11 @@ class BlipExtractor(nn.Module):
             encoder_hidden_states=image, encoder_attention_mask=image_mask,
         ).last_hidden_state  # (B, L, D)
         mask = attention_mask.bool()  # (B, L)
-        vectors = pool(grounded, mask, self.config.pooling)  # (B, D)
+        vectors = pool(grounded, mask, "cls" if self.config.pooling == "model" else self.config.pooling)  # (B, D)
         text = self.model.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, D)
         extras = {
-            "image_vectors": nn.functional.normalize(self.model.vision_proj(image[:, 0]), dim=-1),  # (B, E)
-            "text_vectors": nn.functional.normalize(self.model.text_proj(text[:, 0]), dim=-1),  # (B, E)
+            "image_embeds": nn.functional.normalize(self.model.vision_proj(image[:, 0]), dim=-1),  # (B, E)
+            "text_embeds": nn.functional.normalize(self.model.text_proj(text[:, 0]), dim=-1),  # (B, E)
         }
         return Encoded(vectors, grounded if return_tokens else None, mask if return_tokens else None, extras)
 
@@ -108,26 +119,23 @@ def create_blip(
     seed: int = 0,
     **_: object,
 ) -> BlipExtractor:
-    config = ExtractorConfig(
-        name="blip", checkpoint=checkpoint, modality="multimodal", pooling=default_pooling(checkpoint, pooling),
-        max_length=max_length,
-        crop=crop, missing=missing, seed=seed,
-    )
-    if config.is_tiny:
+    ckpt = ensure_available("blip", checkpoint, pooling)
+    config = ckpt.extractor_config("multimodal", max_length=max_length, crop=crop, missing=missing, seed=seed)
+    if ckpt.is_tiny:
         tokenizer = tiny_tokenizer(titles, workdir)
         side = TINY_BLIP_IMAGE[0]
         config = replace(config, image_size=(side, side))
         model = build_tiny_blip(len(tokenizer), tokenizer.pad_token_id, max_length, seed)
         return BlipExtractor(config, model, tokenizer)
 
-    from transformers import BlipForImageTextRetrieval, BlipProcessor
+    from transformers import BlipForImageTextRetrieval
 
-    processor = load_or_explain("BLIP", checkpoint, BlipProcessor.from_pretrained)
-    model = load_or_explain("BLIP", checkpoint, BlipForImageTextRetrieval.from_pretrained)
-    images = processor.image_processor
-    side = int(images.size["height"]) if isinstance(images.size, dict) else int(images.size)
-    config = replace(
-        config, image_size=(side, side), mean=tuple(images.image_mean), std=tuple(images.image_std),
-        interpolation="bicubic",
-    )
-    return BlipExtractor(config, model, processor.tokenizer)
+    from extractors.hf import load_model, load_tokenizer
+
+    tokenizer = load_or_explain(ckpt, "loading the tokenizer", lambda: load_tokenizer(ckpt.path))
+    model = load_or_explain(ckpt, "loading the BLIP model", lambda: load_model(BlipForImageTextRetrieval, ckpt.path))
+    prep = ckpt.image
+    limit = int(getattr(model.config.text_config, "max_position_embeddings", max_length) or max_length)
+    config = replace(config, image_size=prep.size, mean=prep.mean, std=prep.std, interpolation=prep.interpolation,
+                     max_length=min(max_length, limit))
+    return BlipExtractor(config, model, tokenizer)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 Modality = Literal["text", "image", "multimodal"]
-Pooling = Literal["cls", "mean"]
+Pooling = Literal["cls", "mean", "model"]
 Crop = Literal["card", "cover"]
 Missing = Literal["card", "blank", "zeros"]
 Mode = Literal["frozen", "finetuned"]
@@ -27,8 +27,9 @@ def default_pooling(checkpoint: str, pooling: str | None) -> str:
     small world a linear probe finds a news' topic from tiny BERT's [CLS] for 18% of news and
     from its token mean for 73% (10% by chance), and every ranker over tiny features did as
     well or better with the mean. Pre-trained BERT, ViT and BLIP were trained to put the
-    summary in [CLS], so named checkpoints keep it (pass `pooling="mean"` for sentence
-    encoders such as MiniLM).
+    summary in [CLS]; a pre-trained checkpoint's default comes from its own files instead
+    (extractors.checkpoints: sentence-transformers' pooling for MiniLM, E5 or GTE, SigLIP's
+    head), so this rule only decides for `tiny`.
     """
     return pooling or ("mean" if checkpoint == TINY else "cls")
 
@@ -39,6 +40,10 @@ class ExtractorConfig:
 
     `checkpoint` is `tiny` (a seeded random model built from a config, with a tokenizer
     trained on the dataset's titles), a Hugging Face / timm model name, or a local directory.
+    `weights` is the identity of the weights (extractors.checkpoints.Checkpoint.identity: the
+    hub revision of a cached snapshot, or the folder's resolved path and a digest of its files),
+    `family` what they are (BERT, CLIP, timm...), `model_pooling` what `pooling="model"` means
+    for them (e.g. `mean+normalize` for a sentence-transformers model).
     """
 
     name: str
@@ -54,6 +59,9 @@ class ExtractorConfig:
     crop: Crop = "card"
     missing: Missing = "card"
     seed: int = 0
+    weights: str = ""
+    family: str = ""
+    model_pooling: str = ""
 
     @property
     def is_tiny(self) -> bool:

@@ -3,8 +3,13 @@
 Cards are read as RGB (never BGR): greyscale, CMYK, palette and RGBA images are converted
 (transparency composited on white), a PNG saved under a `.jpg` name is read by its content.
 Zero-byte, truncated or otherwise undecodable files are treated as missing and reported,
-never decoded into silently wrong pixels. News without a usable image follow the `missing`
-strategy: `card` renders the title-only card the way IM-MIND does, `blank` is a white card,
+never decoded into silently wrong pixels. So is an image of more than `MAX_PIXELS` pixels
+(40 million, after JPEG draft scaling): a decompression bomb (a small file that decodes to
+gigabytes) is refused from its header, before anything is decoded. The limit is this
+module's, passed to no one: Pillow's own process-wide guard is left as it is. A JPEG much
+larger than the model needs is decoded at a reduced scale (Pillow's draft mode: 1/2, 1/4 or
+1/8, never below the size the crop and resize need), which costs a fraction of a full decode.
+News without a usable image follow the `missing` strategy: `card` renders the title-only card the way IM-MIND does, `blank` is a white card,
 `zeros` gives an all-zero model input with `present = False`.
 
 Extraction keeps the workers' share small: a worker only decodes, crops and resizes, and hands
@@ -26,10 +31,17 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 OK, CONVERTED, MISSING, CORRUPT = "ok", "converted", "missing", "corrupt"
+MAX_PIXELS = 40_000_000
+"""Images with more pixels than this (after draft scaling) are refused as corrupt."""
+RESAMPLING = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
-def read_rgb(path: Path | None) -> tuple[Image.Image | None, str]:
-    """The image at `path` as RGB, and how it went: ok, converted, missing or corrupt."""
+def read_rgb(path: Path | None, need: tuple[int, int] | None = None) -> tuple[Image.Image | None, str]:
+    """The image at `path` as RGB, and how it went: ok, converted, missing or corrupt.
+
+    `need` (width, height) is the smallest whole-image size the caller can use: a larger JPEG
+    is decoded at the smallest draft scale still at least that large."""
     if path is None or not path.is_file():
         return None, MISSING
     try:
@@ -38,6 +50,10 @@ def read_rgb(path: Path | None) -> tuple[Image.Image | None, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                if need is not None and img.format == "JPEG":
+                    img.draft("RGB", need)  # header only: picks the decoder's scale
+                if img.width * img.height > MAX_PIXELS:
+                    return None, CORRUPT
                 img.load()  # decodes now: a truncated file fails here, not later in a worker
                 if img.mode == "RGB" and img.format == "JPEG":
                     return img.copy(), OK
@@ -77,12 +93,22 @@ class ImageTransform:
         """Model input (3, S, W) float32 on the CPU."""
         return normalize(self.resize(img)[None], *self.stats(torch.device("cpu")))[0]
 
+    def needed(self) -> tuple[int, int]:
+        """(width, height): the smallest whole image whose crop still covers the model's input
+        (a JPEG is draft-decoded no smaller than this)."""
+        from storage.cards import CARD_SIZE, COVER_BOX
+
+        height, width = self.size
+        if self.crop != "cover":
+            return width, height
+        x0, y0, x1, y1 = COVER_BOX
+        return -(-width * CARD_SIZE[0] // (x1 - x0)), -(-height * CARD_SIZE[1] // (y1 - y0))
+
     def resize(self, img: Image.Image) -> torch.Tensor:
         """Cropped and resized pixels (3, S, W) uint8, RGB order."""
         if self.crop == "cover":
             img = crop_cover(img)
-        resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[self.interpolation]
-        img = img.resize((self.size[1], self.size[0]), resample)
+        img = img.resize((self.size[1], self.size[0]), RESAMPLING[self.interpolation])
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())  # (3, S, W)
 
     def stats(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +152,7 @@ class CardDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, str]:
-        img, status = read_rgb(self.paths[i])
+        img, status = read_rgb(self.paths[i], self.transform.needed())
         present = img is not None
         if present:
             pixels = self.transform.resize(img)

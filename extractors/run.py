@@ -40,7 +40,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from extractors.checkpoints import identity_slug, slug_of
 from extractors.chunks import ChunkWriter, to_device
+from extractors.config import TINY
 from extractors.images import CONVERTED, CORRUPT, MISSING, CardDataset, normalize
 from storage.catalogue import Catalogue
 from storage.errors import PipelineError
@@ -66,6 +68,7 @@ class ExtractionResult:
     corrupt_ids: list[str] = field(default_factory=list)
     present: int = 0
     shard: Shard | None = None  # set when this was one shard of a sharded extraction
+    note: str = ""  # for the user: which store was reused and why, or why it was extracted again
 
     @property
     def rows_per_second(self) -> float:
@@ -99,20 +102,19 @@ def default_workers(device: str | torch.device) -> int:
 
 
 def spec_slug(extractor) -> str:
-    """`bert` + checkpoint as a file-name part: different checkpoints get different stores."""
-    return slug_of(extractor.config.name, extractor.config.checkpoint)
-
-
-def slug_of(name: str, checkpoint: str) -> str:
-    """The file-name part of extractor `name` with `checkpoint` (a local directory by its last part)."""
-    checkpoint = Path(checkpoint).name or checkpoint
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{name}-{checkpoint}").strip("-")
+    """The store-name part of a built extractor: `bert-tiny`, or the extractor, the
+    checkpoint's name and 10 hex of its weights' identity (extractors.checkpoints.slug_of), so
+    different weights never share a store and changed weights never reuse one."""
+    config = extractor.config
+    if config.weights or config.is_tiny:
+        return identity_slug(config.name, config.weights or TINY)
+    # Built in code around weights that are no checkpoint (the benchmarks' random models).
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{config.name}-{Path(config.checkpoint).name}").strip("-")
 
 
 def token_len(extractor) -> int:
-    if extractor.modality == "image":
-        return int(extractor.model.patch_embed.num_patches + extractor.model.num_prefix_tokens)
-    return int(extractor.config.max_length)
+    """L: the token vectors a store keeps per news (max length, or the vision model's tokens)."""
+    return int(extractor.num_tokens)
 
 
 def store_meta(extractor, catalogue: Catalogue, tokens: bool, dtype: str, mode: str = "frozen",
@@ -135,6 +137,7 @@ def store_meta(extractor, catalogue: Catalogue, tokens: bool, dtype: str, mode: 
         dim=extractor.dim,
         dtype=dtype,
         token_len=token_len(extractor) if tokens else None,
+        token_dim=extractor.token_dim if tokens and extractor.token_dim != extractor.dim else None,
     )
 
 
@@ -187,8 +190,11 @@ def extract_catalogue(
     ids = catalogue.ids[first:stop]
     cached = _matching_store(path, meta, ids, shard, catalogue.ids)
     if cached is not None:
+        note = (f"reused {path}: complete, made from the same weights ({extractor.config.weights or spec}), "
+                f"settings and news")
+        log.info("%s", note)
         return ExtractionResult(spec, path, stop - first, meta.dim, meta.token_len, cached=True, present=cached,
-                                shard=shard)
+                                shard=shard, note=note)
 
     writer = _open_writer(path, meta, ids, attrs)
     try:
@@ -292,11 +298,12 @@ def _matching_store(path: Path, meta: StoreMeta, ids: np.ndarray, shard: Shard |
         return None
     try:
         with FeatureStore.open(path) as store:
-            stale = store.meta.differences(meta) or not np.array_equal(store.ids, ids)
+            stale = store.meta.differences(meta) or (["news ids"] if not np.array_equal(store.ids, ids) else [])
             if not stale and shard is not None:
-                stale = bool(shard_problems(shard, store, meta, all_ids))
+                stale = list(shard_problems(shard, store, meta, all_ids))
             if stale:
-                log.info("%s was made with other settings or data; extracting again", path)
+                log.warning("%s was made with other settings or data (%s); extracting again", path,
+                            "; ".join(stale[:3]))
                 return None
             return int(store.present.sum())
     except StoreIOError:
@@ -405,7 +412,7 @@ def _title_chunks(extractor, catalogue: Catalogue, start: int, stop: int,
     padded to max_length; each batch is later cut to its own longest title."""
     encode = _TitleEncoder(extractor.tokenizer, extractor.config.max_length)
     bounds = [(a, min(a + chunk_rows, stop)) for a in range(start, stop, chunk_rows)]
-    return _prefetched(lambda ab: (ab[0], *encode([str(t) for t in catalogue.title[ab[0]:ab[1]]])), bounds)
+    return _prefetched(lambda ab: (ab[0], *encode(extractor.prepare_titles(catalogue.title[ab[0]:ab[1]]))), bounds)
 
 
 def _cut(ids: np.ndarray, attention: np.ndarray, local: np.ndarray, dev: torch.device) -> tuple[torch.Tensor, ...]:
@@ -503,5 +510,5 @@ def _progress(enabled: bool, total: int, initial: int, desc: str):
 
 
 __all__ = ["ExtractionResult", "ShardPlan", "catalogue_store", "chunk_size", "default_workers", "extract_catalogue",
-           "finished_store", "merge_sharded", "plan_sharded", "resolve_device", "spec_slug", "store_meta",
+           "finished_store", "merge_sharded", "plan_sharded", "resolve_device", "slug_of", "spec_slug", "store_meta",
            "CONVERTED", "MISSING", "CORRUPT"]

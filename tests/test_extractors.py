@@ -152,6 +152,12 @@ def test_real_pretrained_checkpoint_matches_transformers(tmp_path):
     got = ours.encode(TITLES).vectors
     assert ours.dim == 384
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # By default it pools as sentence-transformers does (1_Pooling mean, then Normalize): its
+    # sentence embedding, where [CLS] had cosine 0.55-0.66 with it.
+    default = create(f"bert:{path}")
+    assert default.config.pooling == "model" and default.config.model_pooling == "mean+normalize"
+    torch.testing.assert_close(default.encode(TITLES).vectors, torch.nn.functional.normalize(expected, dim=-1),
+                               rtol=1e-5, atol=1e-5)
 
 
 # ---- images ---------------------------------------------------------------------------
@@ -263,3 +269,78 @@ def test_random_vit_uses_its_models_data_config_and_seed():
     pixels = torch.randn(2, 3, 224, 224)
     assert a.encode(pixels).vectors.shape == (2, a.dim)
     assert torch.equal(a.encode(pixels).vectors, b.encode(pixels).vectors)
+
+
+# ---- input limits (issue #11) ------------------------------------------------------------
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height (its data is an 8x8 image's): what a
+    decompression bomb looks like before it is decoded."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR: signature 8, length 4, type 4, then width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_images_with_too_many_pixels_are_refused_from_their_header(tmp_path, monkeypatch):
+    import extractors.images as images
+
+    pillow_default = Image.MAX_IMAGE_PIXELS
+    assert images.MAX_PIXELS < pillow_default  # stricter than Pillow's guard, which stays as it was
+    # Over our limit, under Pillow's: refused before anything is decoded.
+    assert read_rgb(_png_claiming(tmp_path / "big.jpg", 7_000, 7_000)) == (None, CORRUPT)
+    # Far over both: Pillow's own guard refuses it at open.
+    assert read_rgb(_png_claiming(tmp_path / "bomb.jpg", 30_000, 30_000)) == (None, CORRUPT)
+    assert Image.MAX_IMAGE_PIXELS == pillow_default
+    # The limit, not the broken data, decides: a real image over a lowered limit is refused too.
+    real = tmp_path / "real.jpg"
+    card().save(real, format="PNG")
+    assert read_rgb(real)[1] == CONVERTED
+    monkeypatch.setattr(images, "MAX_PIXELS", 610 * 195 - 1)
+    assert read_rgb(real) == (None, CORRUPT)
+
+
+def test_large_jpegs_are_decoded_no_larger_than_the_model_needs(tmp_path):
+    ys, xs = np.mgrid[0:1000, 0:1600]
+    pixels = np.stack([xs % 256, ys % 256, (xs + ys) % 256], -1).astype(np.uint8)
+    path = tmp_path / "large.jpg"
+    Image.fromarray(pixels).save(path, quality=90)
+    assert read_rgb(path)[0].size == (1600, 1000)
+    img, status = read_rgb(path, need=(224, 224))
+    assert status == OK and img.size == (400, 250)  # 1/4 scale: the smallest still >= 224 on both sides
+    transform = ImageTransform(size=(96, 96), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop="cover")
+    assert transform.needed() == (293, 114)  # the cover box is 200x165 of the 610x195 card
+    data = CardDataset([path], ["t"], ["news"], transform)
+    full = transform(read_rgb(path)[0])
+    assert torch.nn.functional.cosine_similarity(data[0][0].flatten(), full.flatten(), dim=0) > 0.99
+
+
+def test_huge_titles_are_cut_before_tokenising(tmp_path, monkeypatch):
+    from extractors.encoded import prepare_titles, title_chars
+    from extractors.run import _TitleEncoder, extract_catalogue
+    from storage.catalogue import load_catalogue
+
+    huge = "breaking " * 120_000  # about 1 MB
+    assert title_chars(32) == 2048 and title_chars(512) == 8192
+    assert [len(t) for t in prepare_titles([huge, "short"], 32)] == [2048, 5]
+    bert = build("bert", tmp_path)
+    torch.testing.assert_close(bert.encode([huge]).vectors, bert.encode([huge[:2048]]).vectors)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [f"N{i}\tnews\tgeneral\t{t}\t\t\t[]\t[]" for i, t in enumerate([huge, *TITLES])]
+    (data / "news.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    seen: list[int] = []
+    call = _TitleEncoder.__call__
+    monkeypatch.setattr(_TitleEncoder, "__call__", lambda self, titles: (seen.append(max(map(len, titles))),
+                                                                        call(self, titles))[1])
+    extract_catalogue(bert, load_catalogue(data), tmp_path / "features", device="cpu", progress=False)
+    assert seen and max(seen) <= 2048
