@@ -178,7 +178,7 @@ def head(catalogue, n: int):
         abstract=catalogue.abstract[:n],
         title_entities=catalogue.title_entities[:n],
         images=catalogue.images & kept,
-        image_sizes=tuple((name, size) for name, size in catalogue.image_sizes if name[: -len(".jpg")] in kept),
+        image_files=tuple(f for f in catalogue.image_files if f[0][: -len(".jpg")] in kept),
     )
 
 

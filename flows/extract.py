@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", choices=["card", "cover"], default="card", help="whole IM-MIND card or the cover box (15,15)-(215,180)")
     p.add_argument("--missing", choices=["card", "blank", "zeros"], default="card",
                    help="news without an image: a rendered title-only card (IM-MIND's way), a white card, or a zero vector")
+    p.add_argument("--pooling", choices=["cls", "mean", "model"],
+                   help="how token vectors become the stored vector: the class token, the masked mean, or the "
+                   "model's own (sentence-transformers' 1_Pooling and normalisation, SigLIP's head, CLIP's joint-space "
+                   "projection); default: each checkpoint's own (docs/checkpoints.md)")
     p.add_argument("--no-tokens", dest="tokens", action="store_false", help="store pooled vectors only (no token/patch vectors)")
     p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored precision (default float16)")
     p.add_argument("--chunk-rows", type=int, default=1024, metavar="N",

@@ -20,8 +20,8 @@ from storage.paths import subdir
 def options_of(params) -> ExtractOptions:
     """The ExtractOptions of flows.extract's parameters."""
     return ExtractOptions(device=params.device, batch_size=params.batch_size, workers=params.workers,
-                          crop=params.crop, missing=params.missing, tokens=params.tokens, dtype=params.dtype,
-                          chunk_rows=params.chunk_rows, progress=params.progress)
+                          crop=params.crop, missing=params.missing, pooling=params.pooling, tokens=params.tokens,
+                          dtype=params.dtype, chunk_rows=params.chunk_rows, progress=params.progress)
 
 
 def build_extractor(spec: str, catalogue, features_dir: Path, options: ExtractOptions):
@@ -31,7 +31,7 @@ def build_extractor(spec: str, catalogue, features_dir: Path, options: ExtractOp
 
     workdir = features_dir / f"{catalogue.name}__tokenizer-{catalogue.fingerprint()[:12]}"
     return create(spec, titles=[str(t) for t in catalogue.title], workdir=workdir, crop=options.crop,
-                  missing=options.missing)
+                  missing=options.missing, pooling=options.pooling)
 
 
 def extract_store(spec: str, catalogue, features_dir: Path, options: ExtractOptions, shard=None) -> StoreRef:
@@ -65,6 +65,7 @@ def summary_row(result, modality: str) -> dict:
         "images": dict(result.images),
         "corrupt_ids": result.corrupt_ids,
         "modality": modality,
+        "note": getattr(result, "note", ""),
     }
 
 
@@ -186,6 +187,9 @@ def summary_markdown(rows: list[dict], data: Path) -> str:
             f"{images.get('missing', 0):,} | {images.get('converted', 0):,} | {images.get('corrupt', 0):,} | "
             f"{r['rows_per_s'] or '-'} | {status} | `{r['store']}` |"
         )
+    for r in rows:
+        if r.get("note"):
+            lines.append(f"\n{r['extractor']}: {r['note']}")
     for warning in dict.fromkeys(r["cover_warning"] for r in rows if r.get("cover_warning")):
         lines.append(f"\nWarning: {warning}")
     corrupt = [(r["extractor"], i) for r in rows for i in r["corrupt_ids"]]

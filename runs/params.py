@@ -91,12 +91,14 @@ def _as_value_error(check: Callable[[], Any]) -> Any:
         raise ValueError(str(err)) from None
 
 
-def check_checkpoint(spec: str) -> None:
-    """A frozen spec's checkpoint is `tiny`, a local folder or cached, in a known format."""
+def check_checkpoint(spec: str, pooling: str | None = None) -> None:
+    """A frozen spec's checkpoint is `tiny`, a local folder or cached, in a format its
+    extractor reads, and takes `pooling` (extractors.checkpoints.ensure_available: files and
+    JSON only, no model is loaded)."""
     from extractors.checkpoints import ensure_available
 
     name, checkpoint = parse_spec(split_mode(spec)[0])
-    _as_value_error(lambda: ensure_available(name, checkpoint))
+    _as_value_error(lambda: ensure_available(name, checkpoint, pooling=pooling))
 
 
 def check_inputs(data: Path | None, images: Path | None, titles: Path | None, splits: tuple[str, ...]) -> None:
@@ -154,6 +156,7 @@ class ExtractParams(BaseModel):
     workers: int | None = Field(None, ge=0, le=64)  # None: extractors.run.default_workers(device)
     crop: Literal["card", "cover"] = "card"
     missing: Literal["card", "blank", "zeros"] = "card"
+    pooling: Literal["cls", "mean", "model"] | None = None  # None: each checkpoint's own
     tokens: bool = True
     dtype: Literal["float16", "float32"] = "float16"
     chunk_rows: int = Field(1024, ge=1, le=1_000_000)
@@ -167,14 +170,13 @@ class ExtractParams(BaseModel):
 
     @field_validator("extractors")
     @classmethod
-    def _known(cls, specs: list[str]) -> list[str]:
+    def _known(cls, specs: list[str], info: ValidationInfo) -> list[str]:
         for spec in specs:
             if "@" in spec:
                 raise ValueError(f"{spec!r}: extraction writes frozen stores; drop the @ suffix")
             name, _ = _as_value_error(lambda: parse_spec(spec))
             if name not in extractor_names():
                 raise ValueError(f"unknown extractor {name!r}; known: {', '.join(extractor_names())}")
-            check_checkpoint(spec)
         return specs
 
     @field_validator("scheduler")
@@ -186,6 +188,8 @@ class ExtractParams(BaseModel):
 
     @model_validator(mode="after")
     def _plan(self) -> ExtractParams:
+        for spec in self.extractors:
+            check_checkpoint(spec, self.pooling)
         check_inputs(self.data, self.images, self.titles, splits=())
         if self.data is not None and not any((self.data / s / "news.tsv").is_file() for s in ("train", "dev", "test")) \
                 and not (self.data / "news.tsv").is_file():

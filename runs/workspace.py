@@ -59,6 +59,7 @@ class ExtractOptions:
     workers: int | None = None
     crop: str = "card"
     missing: str = "card"
+    pooling: str | None = None  # None: the checkpoint's own
     tokens: bool = True
     dtype: str = "float16"
     chunk_rows: int = 1024

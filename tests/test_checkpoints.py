@@ -105,11 +105,14 @@ def test_blip_retrieval_checkpoints_equal_transformers(repo, folders, world, tmp
 
 
 def test_a_checkpoint_in_the_hub_cache_is_found_by_its_name(folders, world, tmp_path, monkeypatch):
-    """The thesis' ViT by its hub name, through flows.extract's preflight and extraction task,
-    from a fake cache (blobs, snapshots of links, refs/main); bare timm and BERT names as their
-    libraries spell them. (The extraction task's plain function: a Prefect harness started
-    here would be shared by later tests, whose DataLoader workers it breaks.)"""
-    from flows.extract import ExtractParams, preflight, run_extractor
+    """The thesis' ViT by its hub name, through flows.extract's parameters (their validators are
+    the preflight) and its task's run-layer function, from a fake cache (blobs, snapshots of
+    links, refs/main); bare timm and BERT names as their libraries spell them. (The plain
+    function: a Prefect harness started here would be shared by later tests, whose DataLoader
+    workers it breaks.)"""
+    from runs.extract import extract_rows
+    from runs.params import ExtractParams
+    from runs.workspace import Workspace
 
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -126,8 +129,7 @@ def test_a_checkpoint_in_the_hub_cache_is_found_by_its_name(folders, world, tmp_
 
     params = ExtractParams(data=world, extractors=["vit:google/vit-base-patch16-224"], storage=tmp_path / "storage",
                            device="cpu", progress=False)
-    preflight(params)
-    row = run_extractor(params.extractors[0], params, world)
+    row = extract_rows(params, Workspace(params.storage), params.extractors[0])
     path = Path(row["store"])
     assert path.name.startswith(f"{world.name}__vit-google-vit-base-patch16-224-") and not row["cached"]
     with FeatureStore.open(path) as store:
