@@ -57,7 +57,8 @@ def test_one_comparison_parses_each_file_once_and_fingerprints_each_catalogue_on
     monkeypatch.setattr(storage.catalogue.Catalogue, "_digest",
                         lambda self: fingerprints.append(self.name) or real_digest(self))
 
-    params = CompareParams(data=tiny_world, rankers=["lightgbm", "nrms"], sources=["text", "hadamard"],
+    # One job: every run in this process (with more, each run's process loads its data once).
+    params = CompareParams(data=tiny_world, rankers=["lightgbm", "nrms"], sources=["text", "hadamard"], jobs=1,
                            epochs=1, n_boot=100, storage=tmp_path, name="once", progress=False)
     result = build_flow()(params)
     assert len(result["report"].runs) == 7  # 2 rankers x 2 sources + 3 baselines
