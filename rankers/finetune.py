@@ -231,7 +231,7 @@ class FineTuneRanker:
             tags = torch.full((len(self.catalogue), cfg.max_length), IGNORE, dtype=torch.long)
             if cfg.mtrec.ner:
                 text = extractors["text"]
-                tagged = tag_titles(text.tokenizer, titles, [str(e) for e in self.catalogue.title_entities],
+                tagged = tag_titles(text.tokenizer, text.prepare_titles(titles), [str(e) for e in self.catalogue.title_entities],
                                     text.config.max_length)
                 tags[:, : tagged.shape[1]] = torch.from_numpy(tagged)
             self._aux_targets = (category, tags)

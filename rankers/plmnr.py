@@ -63,8 +63,8 @@ class RawNewsBank:
         self.cards = None
         text = extractors.get("text")
         if text is not None:
-            enc = text.tokenizer([str(t) for t in catalogue.title], truncation=True, max_length=text.config.max_length,
-                                 padding="max_length", return_tensors="np")
+            enc = text.tokenizer(text.prepare_titles(catalogue.title), truncation=True,
+                                 max_length=text.config.max_length, padding="max_length", return_tensors="np")
             self.input_ids = torch.from_numpy(enc["input_ids"].astype(np.int64))  # (N, Lmax)
             self.attention = torch.from_numpy(enc["attention_mask"].astype(np.int64))  # (N, Lmax)
             self.lengths = self.attention.sum(1)  # (N,)
