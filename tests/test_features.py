@@ -257,8 +257,11 @@ def test_row_writes_leave_hdf5_metadata_untouched(tmp_path):
     path = tmp_path / "s.h5"
     writer = FeatureWriter(path, sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS), fsync=False)
     before = np.frombuffer(partial_path(path).read_bytes(), dtype=np.uint8)
+    names = ("vectors", "present", "tokens", "mask")
     with h5py.File(partial_path(path), "r") as f:
-        blocks = [(f[n].id.get_offset(), f[n].id.get_storage_size()) for n in ("vectors", "present", "tokens", "mask")]
+        # The data blocks and their digest tables (written with the rows that complete a block).
+        blocks = [(f[n].id.get_offset(), f[n].id.get_storage_size())
+                  for n in names + tuple(f"checksums/{n}" for n in names)]
     for start in range(0, ROWS, 50):
         writer.write(*sw.make_rows(start, start + 50, DIM, TOKENS))
     after = np.frombuffer(partial_path(path).read_bytes(), dtype=np.uint8)
