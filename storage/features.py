@@ -127,6 +127,7 @@ import platform
 import re
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -145,6 +146,7 @@ CHECKSUM = "sha256"
 BLOCK_BYTES = 1 << 20  # default bytes of rows per checksummed block
 _DIGEST_SIZE = 32
 _PIECE_BYTES = 16 << 20  # streaming verification reads this much at a time
+_HASH_THREADS = min(8, len(os.sched_getaffinity(0)))  # hashlib releases the GIL on large buffers
 # Root attributes that change after creation, so attrs_sha256 leaves them out.
 _MUTABLE_ATTRS = ("complete", "committed_rows", "attrs_sha256")
 MODES = ("frozen", "finetuned")
@@ -486,8 +488,9 @@ class _Span:
         return raw.view(self.dtype).reshape((rows,) + self.shape[1:])
 
 
-def _spans(f: h5py.File, names: Sequence[str], block_bytes: int) -> dict[str, _Span]:
-    regions = _raw_regions(f, [*names, *(_sums_name(name) for name in names)])
+def _spans(f: h5py.File, names: Sequence[str], block_bytes: int,
+           regions: dict[str, tuple[int, int]] | None = None) -> dict[str, _Span]:
+    regions = regions or _raw_regions(f, [*names, *(_sums_name(name) for name in names)])
     spans = {}
     for name in names:
         dset = f[name]
@@ -509,7 +512,7 @@ def _check_layout(f: h5py.File, path: Path) -> tuple[StoreHeader, dict[str, _Spa
     size = path.stat().st_size
     if end > size:
         raise _Corrupt(f"data runs to byte {end} but the file has {size}")
-    return header, _spans(f, names, header.block_bytes)
+    return header, _spans(f, names, header.block_bytes, regions)
 
 
 def _plain(value: Any) -> Any:
@@ -550,6 +553,28 @@ def _check_digests(f: h5py.File, ids: np.ndarray) -> None:
 
 def _read_ids(f: h5py.File, rows: int) -> np.ndarray:
     return f["news_ids"].asstr()[:] if rows else np.empty(0, dtype=object)
+
+
+_hash_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_hash_pool() -> None:
+    # A forked child inherits the pool object but not its threads.
+    global _hash_pool
+    _hash_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_hash_pool)
+
+
+def _sha256_all(buffers: Sequence[np.ndarray]) -> list[bytes]:
+    """SHA-256 digest of each buffer, spread over threads when there are several."""
+    global _hash_pool
+    if _HASH_THREADS < 2 or len(buffers) < 2:
+        return [hashlib.sha256(b).digest() for b in buffers]
+    if _hash_pool is None:
+        _hash_pool = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="store-sha256")
+    return list(_hash_pool.map(lambda b: hashlib.sha256(b).digest(), buffers))
 
 
 def _pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
@@ -633,11 +658,10 @@ class _Blocks:
                                       dtype=np.uint8)
                 piece = buffer[:size]
             _pread_into(self.fd, piece, span.offset + lo * span.row_bytes)
-            for block in range(a, b):
-                if self.verified[name][block]:
-                    continue
-                s, e = span.bounds(block)
-                digest = hashlib.sha256(piece[(s - lo) * span.row_bytes:(e - lo) * span.row_bytes]).digest()
+            todo = [block for block in range(a, b) if not self.verified[name][block]]
+            slices = [piece[(span.bounds(k)[0] - lo) * span.row_bytes:(span.bounds(k)[1] - lo) * span.row_bytes]
+                      for k in todo]
+            for block, digest in zip(todo, _sha256_all(slices)):
                 if digest == self.digests[name][block].tobytes():
                     self.verified[name][block] = True
                 else:

@@ -753,3 +753,26 @@ def test_lazy_tokens_keep_the_file_untouched_and_survive_close(token_heavy_store
     lazy.tokens[0] = 7.0  # private to this process (copy-on-write)
     assert float(lazy.tokens[0, 0, 0]) == 7.0
     assert hashlib.sha256(token_heavy_store.read_bytes()).hexdigest() == digest
+
+
+def _load_in_child(path: str, queue) -> None:
+    with FeatureStore.open(path) as store:
+        queue.put(store.load().tokens.shape)
+
+
+def test_a_forked_child_verifies_after_its_parent_hashed_in_threads(blocky_store, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(features_module, "_HASH_THREADS", 2)  # a pool even on a 1-core runner
+    with FeatureStore.open(blocky_store) as store:
+        store.load()  # starts the hashing threads in this process
+    assert features_module._hash_pool is not None
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_load_in_child, args=(str(blocky_store), queue))
+    child.start()
+    child.join(timeout=60)  # a child reusing the parent's dead pool would wait forever
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0 and queue.get(timeout=5) == (ROWS, TOKENS, DIM)
