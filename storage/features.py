@@ -37,8 +37,9 @@ laid out once and its HDF5 metadata is never written again while rows go in:
 2. Rows. The writer does not keep HDF5 open. It asks HDF5 once for each dataset's byte
    offset (`DatasetID.get_offset()`; a contiguous, unfiltered dataset is stored as one plain
    C-order block there, which is exactly where HDF5 reads it) and writes each chunk of rows
-   with `os.pwrite`, then `fdatasync`, then records the new committed-row count in the
-   sidecar `<file>.partial.json` (temp file, fsync, `os.replace`). The counter therefore never
+   (and the digests of the blocks it completes, see Checksums) with `os.pwrite`, then
+   `fdatasync`, then records the new committed-row count in the sidecar
+   `<file>.partial.json` (temp file, fsync, `os.replace`). The counter therefore never
    runs ahead of data on disk, and a kill -9 at any moment costs at most the chunk in flight;
    rows past the counter may hold anything and are rewritten on resume. Since no HDF5
    metadata is written in this phase, there is no metadata cache a kill could half-flush;
