@@ -18,7 +18,8 @@ ru_maxrss it is not inherited from the parent across fork and exec):
 Each runs with a warm page cache (the file was just read) and a cold one (the file's pages
 dropped with posix_fadvise(DONTNEED) after an fsync; no root needed). MB = bytes of the
 store's datasets the step reads (ids not counted), MB/s = MB / seconds; each row is the
-fastest of --repeats runs (the machines are shared: the minimum is the least disturbed).
+fastest of --repeats runs, taken in rounds over all rows so that a burst of other work on a
+shared machine spreads over the rows instead of landing on one.
 SHA-256 throughput on an in-memory buffer, one thread, is printed as the per-core ceiling of
 verification; verification hashes blocks on up to 8 threads. It prints the machine and a table.
 """
@@ -229,9 +230,12 @@ def main() -> None:
         print("| read | cache | MB | seconds | MB/s | peak RSS MB |")
         print("|---|---|---|---|---|---|")
         for cache in ("warm", "cold"):
+            runs: dict[str, list[dict]] = {step: [] for _, step, _ in ROWS}
+            for _ in range(args.repeats):
+                for _, step, _ in ROWS:
+                    runs[step].append(run_step(step, path, cold=cache == "cold"))
             for _, step, label in ROWS:
-                got = min((run_step(step, path, cold=cache == "cold") for _ in range(args.repeats)),
-                          key=lambda r: r["seconds"])
+                got = min(runs[step], key=lambda r: r["seconds"])
                 print(f"| {label} | {cache} | {got['bytes'] / MB:,.0f} | {got['seconds']:.2f} | "
                       f"{got['bytes'] / MB / got['seconds']:,.0f} | {got['peak'] / MB:,.0f} |", flush=True)
         print(f"\nload after: {os.getloadavg()[0]:.2f}")

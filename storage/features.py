@@ -59,7 +59,7 @@ published result. Every numeric dataset is therefore cut into blocks of whole ro
 `block_bytes` (1 MiB unless the writer is told otherwise): block b holds rows
 [b*R, min((b+1)*R, N)) with R = max(1, block_bytes // bytes per row), and
 `checksums/<name>[b]` is the SHA-256 of those rows' raw bytes as stored (little-endian
-floats, bool as one byte 0/1). `ids_sha256` covers the ids (each as 8-byte length + UTF-8)
+floats, bool as one byte 0/1). `ids_sha256` covers the ids (UTF-8, each ended by NUL)
 and `attrs_sha256` every root attribute written at creation (canonical JSON; not `complete`,
 `committed_rows` or itself, which change later). A mismatch is never used: readers raise
 PipelineError naming the file, the dataset and its rows, and the fix (delete the file and
@@ -535,13 +535,8 @@ def _attrs_digest(attrs: Any) -> str:
 
 
 def _ids_digest(ids: np.ndarray) -> str:
-    """SHA-256 of the ids, each as its UTF-8 length (8 bytes, little-endian) and bytes."""
-    h = hashlib.sha256()
-    for news_id in ids.tolist():
-        raw = news_id.encode("utf-8")
-        h.update(len(raw).to_bytes(8, "little"))
-        h.update(raw)
-    return h.hexdigest()
+    """SHA-256 of the ids as UTF-8, each ended by NUL (unambiguous: HDF5 strings hold no NUL)."""
+    return hashlib.sha256(("\0".join(ids.tolist()) + "\0").encode("utf-8")).hexdigest()
 
 
 def _check_digests(f: h5py.File, ids: np.ndarray) -> None:
@@ -1085,9 +1080,9 @@ class FeatureWriter:
 def _check_ids(ids: Sequence[str] | np.ndarray) -> np.ndarray:
     arr = np.empty(len(ids), dtype=object)
     arr[:] = list(ids)
-    bad = [i for i, x in enumerate(arr) if not isinstance(x, str)]
+    bad = [i for i, x in enumerate(arr) if not isinstance(x, str) or "\0" in x]
     if bad:
-        raise ValueError(f"news ids must be str; row {bad[0]} is {arr[bad[0]]!r}")
+        raise ValueError(f"news ids must be str without NUL; row {bad[0]} is {arr[bad[0]]!r}")
     seen: set[str] = set()
     for row, news_id in enumerate(arr.tolist()):
         if news_id in seen:
