@@ -934,7 +934,8 @@ class FeatureWriter:
                 h.update(raw)
             self._hashes[name] = h
 
-    def _hash_rows(self, start: int, raws: dict[str, memoryview]) -> tuple[dict[str, Any], dict[str, tuple[int, bytes]]]:
+    def _hash_rows(self, start: int,
+                   raws: dict[str, memoryview]) -> tuple[dict[str, Any], dict[str, tuple[int, bytes]]]:
         """Feed rows start.. (raw bytes per dataset) to copies of the running hashes.
 
         Returns the new running hashes and, per dataset, (first block, digests) of the blocks
