@@ -146,13 +146,18 @@ def carve_validation(train: Impressions, days: int = 1) -> tuple[Impressions, Im
 
 @dataclass(frozen=True, eq=False)
 class NewsFeatures:
-    """One feature store in memory, rows aligned with the catalogue."""
+    """One feature store, rows aligned with the catalogue.
+
+    `tokens` from `load_features` is the store's own float16/float32 array as a lazy,
+    copy-on-write np.memmap over the file (pages are read when touched; in-place writes stay
+    private to the process): numpy indexing and `torch.from_numpy` work on it without a copy.
+    """
 
     name: str
     modality: str  # text | image | multimodal
     vectors: np.ndarray  # (N, D) float32
     present: np.ndarray  # (N,) bool
-    tokens: np.ndarray | None = None  # (N, L, D) float32
+    tokens: np.ndarray | None = None  # (N, L, Dt) float16 | float32, lazy (np.memmap) from a store
     mask: np.ndarray | None = None  # (N, L) bool
 
     @property
@@ -161,9 +166,15 @@ class NewsFeatures:
 
 
 def load_features(path: str | Path, catalogue: Catalogue, name: str | None = None, tokens: bool = True) -> NewsFeatures:
-    """Load a complete store made from this catalogue (checked by fingerprint and ids)."""
+    """Load a complete store made from this catalogue (checked by fingerprint and ids).
+
+    tokens=False reads only the pooled vectors and `present`: no token byte is read, so a
+    pooled ranker needs no more memory over a store with tokens than over one without.
+    tokens=True maps the token vectors lazily (see NewsFeatures), after one streaming pass
+    that verifies their checksums. Every byte used is checked against the store's checksums.
+    """
     with FeatureStore.open(path, expected_fingerprint=catalogue.fingerprint()) as store:
-        arrays = store.load()
+        arrays = store.load(tokens="lazy" if tokens else False)
         modality = store.meta.preprocess.get("modality", "text")
         extractor = store.meta.extractor
     if not np.array_equal(arrays.ids, catalogue.ids):
@@ -173,6 +184,6 @@ def load_features(path: str | Path, catalogue: Catalogue, name: str | None = Non
         modality=modality,
         vectors=arrays.vectors.astype(np.float32),
         present=arrays.present.astype(bool),
-        tokens=arrays.tokens.astype(np.float32) if tokens and arrays.tokens is not None else None,
-        mask=arrays.mask.astype(bool) if tokens and arrays.mask is not None else None,
+        tokens=arrays.tokens,
+        mask=arrays.mask,
     )

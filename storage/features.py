@@ -4,19 +4,22 @@ On disk
 -------
 One file per (dataset, extractor, mode), named by `store_path`:
 `<features>/<dataset>__<extractor>__<mode>.h5`. Letters: N news, D vector width,
-L tokens, Dt token width.
+L tokens, Dt token width, B checksum blocks of a dataset.
 
     news_ids  (N,)        variable-length UTF-8 str; row i of every dataset is news_ids[i]
     vectors   (N, D)      float16 | float32 (StoreMeta.dtype), one pooled vector per news
     present   (N,)        bool; False where the input was missing (e.g. no image)
     tokens    (N, L, Dt)  optional token vectors, same dtype as vectors
     mask      (N, L)      bool, True on real tokens; exists exactly when tokens does
+    checksums/<name> (B, 32)  uint8 SHA-256 of each block of rows of dataset <name>
+                          (vectors, present, and tokens, mask when present); see Checksums
 
 Root attributes: `format` ("mmnews-features"), `format_version`, the `StoreMeta` fields
 (`extractor`, `checkpoint`, `revision`, `mode`, `preprocess` as JSON, `fingerprint`, `dim`,
 `dtype`, `token_len` and `token_dim`, 0 when there are no tokens), `rows`, `created` (ISO
 UTC), `versions` (JSON: python, numpy, h5py, hdf5, and torch/transformers/timm when
-installed), `write_id`, and the integrity pair `complete` / `committed_rows`.
+installed), `write_id`, the integrity pair `complete` / `committed_rows`, and the checksum
+attributes `checksum` ("sha256"), `block_bytes`, `ids_sha256` and `attrs_sha256`.
 
 Numeric datasets are contiguous and uncompressed: random row gathers are what rankers do,
 and gzip makes them 20-50x slower (docs/ENVIRONMENT.md).
@@ -34,8 +37,9 @@ laid out once and its HDF5 metadata is never written again while rows go in:
 2. Rows. The writer does not keep HDF5 open. It asks HDF5 once for each dataset's byte
    offset (`DatasetID.get_offset()`; a contiguous, unfiltered dataset is stored as one plain
    C-order block there, which is exactly where HDF5 reads it) and writes each chunk of rows
-   with `os.pwrite`, then `fdatasync`, then records the new committed-row count in the
-   sidecar `<file>.partial.json` (temp file, fsync, `os.replace`). The counter therefore never
+   (and the digests of the blocks it completes, see Checksums) with `os.pwrite`, then
+   `fdatasync`, then records the new committed-row count in the sidecar
+   `<file>.partial.json` (temp file, fsync, `os.replace`). The counter therefore never
    runs ahead of data on disk, and a kill -9 at any moment costs at most the chunk in flight;
    rows past the counter may hold anything and are rewritten on resume. Since no HDF5
    metadata is written in this phase, there is no metadata cache a kill could half-flush;
@@ -47,6 +51,53 @@ laid out once and its HDF5 metadata is never written again while rows go in:
    rename leaves a partial whose counter is N, and the rerun only finalizes again; should that
    one header write have been torn, the partial no longer opens, and the rerun says so (a
    warning) and starts over. Readers only ever see a final name once it is complete.
+
+Checksums
+---------
+Issue 11: bytes flipped in the middle of a finished store went unnoticed and moved a
+published result. Every numeric dataset is therefore cut into blocks of whole rows of about
+`block_bytes` (1 MiB unless the writer is told otherwise): block b holds rows
+[b*R, min((b+1)*R, N)) with R = max(1, block_bytes // bytes per row), and
+`checksums/<name>[b]` is the SHA-256 of those rows' raw bytes as stored (little-endian
+floats, bool as one byte 0/1). `ids_sha256` covers the ids (UTF-8, each ended by NUL)
+and `attrs_sha256` every root attribute written at creation (canonical JSON; not `complete`,
+`committed_rows` or itself, which change later). A mismatch is never used: readers raise
+PipelineError naming the file, the dataset and its rows, and the fix (delete the file and
+re-run extraction); `info` verifies every block and exits 1.
+
+Why these and not HDF5's Fletcher-32 filter: a filter needs chunked datasets and sees only
+data written through HDF5, not rows pwritten past it as here, and HDF5 checks it only on its
+own read path (no memmap, no raw reads). The digest tables instead are two more preallocated
+contiguous datasets written with pwrite like the rows: the `write` that completes a block
+also writes its digest, before the fdatasync that precedes the counter update, so the
+counter never runs ahead of a digest, a kill -9 costs nothing more than before and no HDF5
+metadata changes while rows go in. Blocks are fixed by row number, not by write calls, so
+any chunking, any resume and a merge of shards (storage/shards.py) give byte-identical
+digests. The writer hashes rows as they pass (one running hash per dataset); a resumed
+writer re-reads the committed rows of each block in progress (at most one block per
+dataset) from the partial. Per-block digests let a reader check exactly what it reads:
+`load` the datasets it loads, a gather the blocks it touches (each block once per open
+store); 1 MiB keeps a sparse gather's over-read small and the tables small (32 bytes per
+MiB). SHA-256 rather than CRC-32 (2.0 GB/s against SHA-256's 1.0 GB/s with SHA-NI on the
+2-core machine, blake2b 0.8): a 32-bit check per block is weak across tens of thousands of
+blocks, and SHA-256 leaves nothing to argue about; the cost is measured in
+benchmarks/store_read.py (benchmarks/RESULTS.md).
+
+Stores written before checksums (format version 1) are refused with "delete it and re-run
+extraction": accepting them with a warning would let through exactly the silent damage this
+guards against, and a rerun of extraction rewrites them.
+
+Reading
+-------
+`FeatureStore.load(tokens=False)` reads vectors and present only: a pooled ranker over a
+store with tokens reads no token byte and holds no more memory than over a store without.
+`load(tokens=True)` reads everything into memory, as before. `load(tokens="lazy")` returns
+tokens as a copy-on-write `np.memmap` of the contiguous dataset: pages are read when
+touched, writes stay private to the process, `torch.from_numpy` shares it without a copy.
+A memmap's reads cannot be intercepted (torch indexes its memory directly), so its blocks
+are verified up front in one streaming pass through a 16 MiB buffer: the file is read once
+more, memory stays flat. Gathers on an unloaded store (`take`, `take_tokens`) verify the
+blocks they touch.
 
 Not chosen: SWMR (`libver='latest'`, `swmr_mode=True`) with resizable chunked datasets.
 SWMR promises concurrent readers a consistent view while the writer is alive, not a file
@@ -77,6 +128,7 @@ import platform
 import re
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -90,7 +142,14 @@ from storage.errors import PipelineError, run_cli
 log = logging.getLogger(__name__)
 
 FORMAT = "mmnews-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-block checksums (module docstring); 1 had none and is refused
+CHECKSUM = "sha256"
+BLOCK_BYTES = 1 << 20  # default bytes of rows per checksummed block
+_DIGEST_SIZE = 32
+_PIECE_BYTES = 16 << 20  # streaming verification reads this much at a time
+_HASH_THREADS = min(8, len(os.sched_getaffinity(0)))  # hashlib releases the GIL on large buffers
+# Root attributes that change after creation, so attrs_sha256 leaves them out.
+_MUTABLE_ATTRS = ("complete", "committed_rows", "attrs_sha256")
 MODES = ("frozen", "finetuned")
 DTYPES = ("float16", "float32")
 # Explicit little-endian so the bytes pwritten by the writer match the file's datatype.
@@ -279,6 +338,10 @@ class _Corrupt(Exception):
     """Internal: the file opened but does not hold a well-formed store."""
 
 
+class _Outdated(_Corrupt):
+    """Internal: a store of an older format (no checksums); refused with its own message."""
+
+
 @dataclass(frozen=True)
 class StoreHeader:
     """What a structurally sound file says about itself (attributes, parsed)."""
@@ -291,32 +354,57 @@ class StoreHeader:
     versions: dict[str, str]
     write_id: str
     format_version: int
+    block_bytes: int = BLOCK_BYTES
 
 
 _REQUIRED_ATTRS = ("format", "format_version", "extractor", "checkpoint", "revision", "mode", "preprocess",
                    "fingerprint", "dim", "dtype", "token_len", "token_dim", "rows", "created", "versions",
-                   "write_id", "complete", "committed_rows")
+                   "write_id", "complete", "committed_rows", "checksum", "block_bytes", "ids_sha256",
+                   "attrs_sha256")
+
+
+def _data_names(meta: StoreMeta) -> list[str]:
+    """The numeric datasets of a store, in write order."""
+    return ["vectors", "present"] + (["tokens", "mask"] if meta.has_tokens else [])
+
+
+def _sums_name(name: str) -> str:
+    return f"checksums/{name}"
+
+
+def _block_rows(row_bytes: int, block_bytes: int) -> int:
+    """R: rows per checksummed block of a dataset whose rows take `row_bytes` each."""
+    return max(1, block_bytes // max(row_bytes, 1))
 
 
 def _read_header(f: h5py.File) -> StoreHeader:
     """Parse and cross-check attributes and dataset shapes; raise _Corrupt naming the problem."""
-    missing = [a for a in _REQUIRED_ATTRS if a not in f.attrs]
-    if missing:
-        if "format" not in f.attrs:
-            raise _Corrupt("not a feature store (no 'format' attribute)")
-        raise _Corrupt(f"missing attributes: {', '.join(missing)}")
+    if "format" not in f.attrs:
+        raise _Corrupt("not a feature store (no 'format' attribute)")
     if f.attrs["format"] != FORMAT:
         raise _Corrupt(f"format is {f.attrs['format']!r}, expected {FORMAT!r}")
-    version = int(f.attrs["format_version"])
+    version = int(f.attrs["format_version"]) if "format_version" in f.attrs else None
+    if version == 1:
+        raise _Outdated("it was written by an older mmnews (feature store format 1) without checksums, "
+                        "so its data cannot be verified")
     if version != FORMAT_VERSION:
         raise _Corrupt(f"format version {version} is not supported (this code reads version {FORMAT_VERSION})")
+    missing = [a for a in _REQUIRED_ATTRS if a not in f.attrs]
+    if missing:
+        raise _Corrupt(f"missing attributes: {', '.join(missing)}")
+    if f.attrs["checksum"] != CHECKSUM:
+        raise _Corrupt(f"checksum is {f.attrs['checksum']!r}, expected {CHECKSUM!r}")
     try:
         meta = StoreMeta.from_attrs(f.attrs)
         versions = json.loads(str(f.attrs["versions"]))
     except (ValueError, TypeError, KeyError) as err:
         raise _Corrupt(f"unreadable metadata attributes: {err}") from None
     n = int(f.attrs["rows"])
-    required = ["news_ids", "vectors", "present"] + (["tokens", "mask"] if meta.has_tokens else [])
+    block_bytes = int(f.attrs["block_bytes"])
+    if block_bytes < 1 or n < 0:
+        raise _Corrupt(f"rows {n} or block_bytes {block_bytes} out of range")
+    names = _data_names(meta)
+    required = ["news_ids", *names, *(_sums_name(name) for name in names)]
     absent = [name for name in required if name not in f]
     if absent:
         raise _Corrupt(f"missing datasets: {', '.join(absent)}")
@@ -340,10 +428,18 @@ def _read_header(f: h5py.File) -> StoreHeader:
     for name in ("present", "mask") if meta.has_tokens else ("present",):
         if f[name].dtype != np.bool_:
             raise _Corrupt(f"dataset {name} has dtype {f[name].dtype}, expected bool")
+    for name in names:
+        dset = f[name]
+        row_bytes = int(np.prod(dset.shape[1:], dtype=np.int64)) * dset.dtype.itemsize
+        blocks = -(-n // _block_rows(row_bytes, block_bytes))
+        sums = f[_sums_name(name)]
+        if not isinstance(sums, h5py.Dataset) or sums.shape != (blocks, _DIGEST_SIZE) or sums.dtype != np.uint8:
+            raise _Corrupt(f"dataset {_sums_name(name)} has shape {getattr(sums, 'shape', 'a group')}, "
+                           f"expected ({blocks}, {_DIGEST_SIZE}) uint8")
     committed = int(f.attrs["committed_rows"])
     return StoreHeader(meta=meta, rows=n, complete=bool(f.attrs["complete"]), committed_rows=committed,
                        created=str(f.attrs["created"]), versions=versions, write_id=str(f.attrs["write_id"]),
-                       format_version=version)
+                       format_version=version, block_bytes=block_bytes)
 
 
 def _raw_regions(f: h5py.File, names: Sequence[str]) -> dict[str, tuple[int, int]]:
@@ -364,15 +460,220 @@ def _raw_regions(f: h5py.File, names: Sequence[str]) -> dict[str, tuple[int, int
     return regions
 
 
-def _check_layout(f: h5py.File, path: Path) -> tuple[StoreHeader, dict[str, tuple[int, int]]]:
-    """Header plus data blocks, checked to lie inside the file; _Corrupt otherwise."""
+@dataclass(frozen=True)
+class _Span:
+    """Where one numeric dataset and its digest table lie in the file, and its block grid."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]  # (N, ...)
+    offset: int  # byte offset of row 0
+    row_bytes: int
+    block_rows: int  # R
+    sums_offset: int  # byte offset of the (B, 32) digest table
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.rows // self.block_rows)
+
+    def bounds(self, block: int) -> tuple[int, int]:
+        """Rows [lo, hi) of a block."""
+        return block * self.block_rows, min((block + 1) * self.block_rows, self.rows)
+
+    def typed(self, raw: np.ndarray, rows: int) -> np.ndarray:
+        """Raw bytes (rows * row_bytes,) uint8 of whole rows -> (rows, ...) in the store dtype."""
+        return raw.view(self.dtype).reshape((rows,) + self.shape[1:])
+
+
+def _spans(f: h5py.File, names: Sequence[str], block_bytes: int,
+           regions: dict[str, tuple[int, int]] | None = None) -> dict[str, _Span]:
+    regions = regions or _raw_regions(f, [*names, *(_sums_name(name) for name in names)])
+    spans = {}
+    for name in names:
+        dset = f[name]
+        # bool is stored as a 1-byte enum {0, 1}: its raw form is uint8 0/1, read back as np.bool_.
+        dtype = np.dtype(np.bool_) if dset.dtype == np.bool_ else dset.dtype
+        row_bytes = int(np.prod(dset.shape[1:], dtype=np.int64)) * dtype.itemsize
+        spans[name] = _Span(name=name, dtype=dtype, shape=tuple(dset.shape), offset=regions[name][0],
+                            row_bytes=row_bytes, block_rows=_block_rows(row_bytes, block_bytes),
+                            sums_offset=regions[_sums_name(name)][0])
+    return spans
+
+
+def _check_layout(f: h5py.File, path: Path) -> tuple[StoreHeader, dict[str, _Span]]:
+    """Header plus the data and digest blocks, checked to lie inside the file; _Corrupt otherwise."""
     header = _read_header(f)
-    regions = _raw_regions(f, ["vectors", "present"] + (["tokens", "mask"] if header.meta.has_tokens else []))
+    names = _data_names(header.meta)
+    regions = _raw_regions(f, [*names, *(_sums_name(name) for name in names)])
     end = max((offset + size for offset, size in regions.values()), default=0)
     size = path.stat().st_size
     if end > size:
         raise _Corrupt(f"data runs to byte {end} but the file has {size}")
-    return header, regions
+    return header, _spans(f, names, header.block_bytes, regions)
+
+
+def _plain(value: Any) -> Any:
+    """An attribute value as JSON-able Python, the same whether just set or read back."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _attrs_digest(attrs: Any) -> str:
+    """SHA-256 of every root attribute but the mutable ones, as canonical JSON."""
+    plain = {key: _plain(attrs[key]) for key in sorted(attrs) if key not in _MUTABLE_ATTRS}
+    body = json.dumps(plain, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def _ids_digest(ids: np.ndarray) -> str:
+    """SHA-256 of the ids as UTF-8, each ended by NUL (unambiguous: HDF5 strings hold no NUL)."""
+    return hashlib.sha256(("\0".join(ids.tolist()) + "\0").encode("utf-8")).hexdigest()
+
+
+def _check_digests(f: h5py.File, ids: np.ndarray) -> None:
+    """The attributes and ids against their digests; _Corrupt naming which differ."""
+    if _attrs_digest(f.attrs) != str(f.attrs["attrs_sha256"]):
+        raise _Corrupt("the root attributes do not match their checksum (attrs_sha256)")
+    if _ids_digest(ids) != str(f.attrs["ids_sha256"]):
+        raise _Corrupt("news_ids do not match their checksum (ids_sha256)")
+
+
+def _read_ids(f: h5py.File, rows: int) -> np.ndarray:
+    return f["news_ids"].asstr()[:] if rows else np.empty(0, dtype=object)
+
+
+_hash_pool: ThreadPoolExecutor | None = None
+
+
+def _forget_hash_pool() -> None:
+    # A forked child inherits the pool object but not its threads.
+    global _hash_pool
+    _hash_pool = None
+
+
+os.register_at_fork(after_in_child=_forget_hash_pool)
+
+
+def _sha256_all(buffers: Sequence[np.ndarray]) -> list[bytes]:
+    """SHA-256 digest of each buffer, spread over threads when there are several."""
+    global _hash_pool
+    if _HASH_THREADS < 2 or len(buffers) < 2:
+        return [hashlib.sha256(b).digest() for b in buffers]
+    if _hash_pool is None:
+        _hash_pool = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="store-sha256")
+    return list(_hash_pool.map(lambda b: hashlib.sha256(b).digest(), buffers))
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int) -> None:
+    """Fill the uint8 array `buf` from byte `offset`; _Corrupt when the file ends first."""
+    view = memoryview(buf).cast("B")
+    while len(view):
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise _Corrupt(f"the file ends at byte {offset}, inside a dataset")
+        view, offset = view[got:], offset + got
+
+
+class _Blocks:
+    """Checksum-verified raw reads of one store's numeric datasets (see "Checksums").
+
+    Each block is verified at most once per instance; `verified[name]` (B,) records which.
+    Raises PipelineError on a mismatch, _Corrupt on a short file and OSError on a failed read.
+    """
+
+    def __init__(self, path: Path, fd: int, spans: dict[str, _Span]):
+        self.path, self.fd, self.spans = path, fd, spans
+        self.digests: dict[str, np.ndarray] = {}  # name -> (B, 32) uint8
+        self.verified: dict[str, np.ndarray] = {}  # name -> (B,) bool
+        for name, span in spans.items():
+            table = np.empty(span.blocks * _DIGEST_SIZE, dtype=np.uint8)
+            _pread_into(fd, table, span.sums_offset)
+            self.digests[name] = table.reshape(span.blocks, _DIGEST_SIZE)
+            self.verified[name] = np.zeros(span.blocks, dtype=bool)
+
+    def read(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of dataset `name` in the store dtype, every block they touch verified."""
+        span = self.spans[name]
+        if hi <= lo:
+            return span.typed(np.empty(0, dtype=np.uint8), 0)
+        b0, b1 = lo // span.block_rows, -(-hi // span.block_rows)
+        if self.verified[name][b0:b1].all():
+            raw = np.empty((hi - lo) * span.row_bytes, dtype=np.uint8)
+            _pread_into(self.fd, raw, span.offset + lo * span.row_bytes)
+            return span.typed(raw, hi - lo)
+        first = span.bounds(b0)[0]
+        raw = np.empty((span.bounds(b1 - 1)[1] - first) * span.row_bytes, dtype=np.uint8)
+        self._refuse(name, self.scan(name, b0, b1, out=raw))
+        return span.typed(raw[(lo - first) * span.row_bytes:(hi - first) * span.row_bytes], hi - lo)
+
+    def ensure(self, name: str, rows: np.ndarray) -> None:
+        """Verify the blocks that the sorted rows (K,) touch, reading each unverified one once."""
+        span = self.spans[name]
+        blocks = np.unique(np.asarray(rows, dtype=np.int64) // span.block_rows)
+        todo = blocks[~self.verified[name][blocks]]
+        if not len(todo):
+            return
+        # Runs of consecutive blocks are read with one call each.
+        cuts = np.flatnonzero(np.diff(todo) != 1) + 1
+        for run in np.split(todo, cuts):
+            self._refuse(name, self.scan(name, int(run[0]), int(run[-1]) + 1))
+
+    def verify(self, name: str) -> None:
+        """Verify every block of `name` in one streaming pass (memory: one 16 MiB buffer)."""
+        self._refuse(name, self.scan(name, 0, self.spans[name].blocks))
+
+    def scan(self, name: str, b0: int, b1: int, out: np.ndarray | None = None) -> list[int]:
+        """Read blocks b0..b1-1 (into `out`, raw bytes of exactly those rows, when given; else
+        through a reused buffer), hash the unverified ones and return those that mismatch."""
+        span = self.spans[name]
+        block_bytes = span.block_rows * span.row_bytes
+        per_piece = max(1, _PIECE_BYTES // max(block_bytes, 1))
+        first = span.bounds(b0)[0]
+        buffer = None
+        bad = []
+        for a in range(b0, b1, per_piece):
+            b = min(a + per_piece, b1)
+            if out is None and self.verified[name][a:b].all():
+                continue
+            lo, hi = span.bounds(a)[0], span.bounds(b - 1)[1]
+            size = (hi - lo) * span.row_bytes
+            if out is not None:
+                piece = out[(lo - first) * span.row_bytes:(hi - first) * span.row_bytes]
+            else:
+                if buffer is None:
+                    buffer = np.empty(min(per_piece * block_bytes, (span.bounds(b1 - 1)[1] - first) * span.row_bytes),
+                                      dtype=np.uint8)
+                piece = buffer[:size]
+            _pread_into(self.fd, piece, span.offset + lo * span.row_bytes)
+            todo = [block for block in range(a, b) if not self.verified[name][block]]
+            slices = [piece[(span.bounds(k)[0] - lo) * span.row_bytes:(span.bounds(k)[1] - lo) * span.row_bytes]
+                      for k in todo]
+            for block, digest in zip(todo, _sha256_all(slices)):
+                if digest == self.digests[name][block].tobytes():
+                    self.verified[name][block] = True
+                else:
+                    bad.append(block)
+        return bad
+
+    def describe(self, name: str, bad: Sequence[int]) -> str:
+        span = self.spans[name]
+        lo, hi = span.bounds(bad[0])
+        more = f", and {len(bad) - 1} more of its blocks" if len(bad) > 1 else ""
+        return (f"checksum mismatch in {name} rows {lo}..{hi - 1} (block {bad[0]} of {span.blocks}{more}): "
+                f"the file changed after it was written (a disk fault, an incomplete copy, an edit)")
+
+    def _refuse(self, name: str, bad: Sequence[int]) -> None:
+        if bad:
+            raise PipelineError(f"{self.path}: {self.describe(name, bad)}; delete it and re-run extraction")
 
 
 def _open_h5(path: Path, mode: str = "r") -> h5py.File:
@@ -450,14 +751,19 @@ class FeatureWriter:
     skips fsync calls: still safe against a killed process, not against power loss.
     The context manager closes without finalizing, leaving the partial to resume.
     `attrs` are extra root attributes written at creation (e.g. a shard's row range); they
-    may not shadow the store's own attributes.
+    may not shadow the store's own attributes. `block_bytes` sets the checksummed block size
+    (module docstring); stores compare equal only when written with the same one.
     """
 
     def __init__(self, path: PathLike, meta: StoreMeta, ids: Sequence[str] | np.ndarray, *,
-                 restart: bool = False, fsync: bool = True, attrs: dict[str, Any] | None = None):
+                 restart: bool = False, fsync: bool = True, attrs: dict[str, Any] | None = None,
+                 block_bytes: int = BLOCK_BYTES):
         self.path = Path(path)
         if self.path.name.endswith(".partial"):
             raise ValueError(f"{self.path}: pass the final file name; the writer adds '.partial' itself")
+        if int(block_bytes) < 1:
+            raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
+        self.block_bytes = int(block_bytes)
         clash = sorted(set(attrs or {}) & set(_REQUIRED_ATTRS))
         if clash:
             raise ValueError(f"extra attributes may not replace the store's own: {', '.join(clash)}")
@@ -474,12 +780,17 @@ class FeatureWriter:
         self._write_id = ""
         self._fd: int | None = None
         self._lock_fd: int | None = None
-        self._regions: dict[str, tuple[int, int]] = {}
+        self._spans: dict[str, _Span] = {}
+        self._hashes: dict[str, Any] = {}  # name -> running SHA-256 of the block in progress
         self._acquire_lock()
         try:
             self._prepare(restart)
             self._fd = os.open(self.partial, os.O_RDWR)
+            self._start_hashes()
         except BaseException:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
             self._release_lock()
             raise
 
@@ -534,13 +845,16 @@ class FeatureWriter:
         """Reuse the partial if it matches this run; False when it is unusable and must go."""
         try:
             with _open_h5(self.partial) as f:
-                header, regions = _check_layout(f, self.partial)
-                stored_ids = f["news_ids"].asstr()[:] if header.rows else np.empty(0, dtype=object)
+                header, spans = _check_layout(f, self.partial)
+                stored_ids = _read_ids(f, header.rows)
+                _check_digests(f, stored_ids)
         except (OSError, _Corrupt, KeyError, ValueError) as err:
             self.discarded = f"{self.partial} cannot be reused ({err}); starting over"
             log.warning("%s", self.discarded)
             return False
         problems = header.meta.differences(self.meta)
+        if header.block_bytes != self.block_bytes:
+            problems.append(f"block_bytes: file has {header.block_bytes}, this run has {self.block_bytes}")
         if header.rows != self.rows:
             problems.append(f"rows: file has {header.rows}, this run has {self.rows}")
         elif not np.array_equal(stored_ids, self.ids):
@@ -554,7 +868,7 @@ class FeatureWriter:
                 + f". Pass restart=True to discard it (or delete {self.partial} and {self.progress}).")
         committed = _read_progress(self.partial, header.write_id, header.rows)
         self.next_row = committed or 0
-        self._regions = regions
+        self._spans = spans
         self._write_id = header.write_id
         self.resumed = True
         return True
@@ -574,6 +888,11 @@ class FeatureWriter:
                 length = int(meta.token_len or 0)
                 f.create_dataset("tokens", shape=(n, length, meta.tokens_width), dtype=dt, dcpl=_dcpl_early())
                 f.create_dataset("mask", shape=(n, length), dtype=np.bool_, dcpl=_dcpl_early())
+            names = _data_names(meta)
+            for name in names:
+                row_bytes = int(np.prod(f[name].shape[1:], dtype=np.int64)) * f[name].dtype.itemsize
+                blocks = -(-n // _block_rows(row_bytes, self.block_bytes))
+                f.create_dataset(_sums_name(name), shape=(blocks, _DIGEST_SIZE), dtype=np.uint8, dcpl=_dcpl_early())
             attrs = {"format": FORMAT, "format_version": np.int64(FORMAT_VERSION), **meta.to_attrs(),
                      "rows": np.int64(n),
                      "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -581,11 +900,14 @@ class FeatureWriter:
                      "write_id": self._write_id,
                      # Fixed-size scalars, later overwritten in place by finalize().
                      "complete": np.bool_(False), "committed_rows": np.int64(0),
+                     "checksum": CHECKSUM, "block_bytes": np.int64(self.block_bytes),
+                     "ids_sha256": _ids_digest(self.ids),
                      **self.extra_attrs}
             for key, value in attrs.items():
                 f.attrs[key] = value
-            names = ["vectors", "present"] + (["tokens", "mask"] if meta.has_tokens else [])
-            self._regions = _raw_regions(f, names)
+            # Hashed as read back, so that the reader's digest of the same attributes agrees.
+            f.attrs["attrs_sha256"] = _attrs_digest(f.attrs)
+            self._spans = _spans(f, names, self.block_bytes)
         if self.fsync:
             _fsync_path(tmp)
         os.replace(tmp, self.partial)
@@ -593,6 +915,53 @@ class FeatureWriter:
             _fsync_path(self.partial.parent, directory=True)
         self.next_row = 0
         self._save_progress()
+
+    def _start_hashes(self) -> None:
+        """Running hashes of the blocks in progress: a resumed writer re-reads their committed rows."""
+        self._hashes = {}
+        for name, span in self._spans.items():
+            h = hashlib.sha256()
+            lo = (self.next_row // span.block_rows) * span.block_rows
+            if lo < self.next_row < self.rows:
+                raw = np.empty((self.next_row - lo) * span.row_bytes, dtype=np.uint8)
+                try:
+                    _pread_into(self._fd, raw, span.offset + lo * span.row_bytes)
+                except OSError as err:
+                    raise StoreIOError(f"{self.partial}: reading committed rows {lo}..{self.next_row - 1} to resume "
+                                       f"failed ({err}); fix the disk problem and re-run to resume") from None
+                except _Corrupt as err:
+                    raise PipelineError(_corrupt_message(self.partial, str(err))) from None
+                h.update(raw)
+            self._hashes[name] = h
+
+    def _hash_rows(self, start: int,
+                   raws: dict[str, memoryview]) -> tuple[dict[str, Any], dict[str, tuple[int, bytes]]]:
+        """Feed rows start.. (raw bytes per dataset) to copies of the running hashes.
+
+        Returns the new running hashes and, per dataset, (first block, digests) of the blocks
+        these rows complete. Nothing of the writer changes, so a failed write can be retried.
+        """
+        hashes, done = {}, {}
+        for name, raw in raws.items():
+            span = self._spans[name]
+            stop = start + len(raw) // span.row_bytes
+            h = self._hashes[name].copy()
+            first, digests = -1, []
+            row = start
+            while row < stop:
+                block = row // span.block_rows
+                end = span.bounds(block)[1]
+                upto = min(stop, end)
+                h.update(raw[(row - start) * span.row_bytes:(upto - start) * span.row_bytes])
+                if upto == end:
+                    first = block if first < 0 else first
+                    digests.append(h.digest())
+                    h = hashlib.sha256()
+                row = upto
+            hashes[name] = h
+            if digests:
+                done[name] = (first, b"".join(digests))
+        return hashes, done
 
     def _save_progress(self) -> None:
         tmp = Path(f"{self.progress}.tmp")
@@ -644,22 +1013,27 @@ class FeatureWriter:
         if k == 0:
             return self.next_row
         start = self.next_row
+        # bool is stored as a 1-byte enum {0, 1}: the uint8 view is its on-disk form.
+        raws = {name: memoryview(arr.view(np.uint8) if arr.dtype == np.bool_ else arr).cast("B")
+                for name, arr in chunk.items()}
+        hashes, digests = self._hash_rows(start, raws)
         try:
-            for name, arr in chunk.items():
-                offset, size = self._regions[name]
-                row_bytes = size // self.rows
-                # bool is stored as a 1-byte enum {0, 1}: the uint8 view is its on-disk form.
-                raw = arr.view(np.uint8) if arr.dtype == np.bool_ else arr
-                _pwrite_all(self._fd, memoryview(raw).cast("B"), offset + start * row_bytes)
+            for name, raw in raws.items():
+                span = self._spans[name]
+                _pwrite_all(self._fd, raw, span.offset + start * span.row_bytes)
+            # The digests of the blocks these rows complete go down with them, before the sync.
+            for name, (first, table) in digests.items():
+                _pwrite_all(self._fd, memoryview(table), self._spans[name].sums_offset + first * _DIGEST_SIZE)
             if self.fsync:
                 os.fdatasync(self._fd)
-            # Only now, with the rows on disk, may the counter move past them.
+            # Only now, with the rows and digests on disk, may the counter move past them.
             self.next_row = start + k
             self._save_progress()
         except OSError as err:
             self.next_row = start  # the counter on disk did not move; these rows can be written again
             raise StoreIOError(f"{self.partial}: writing rows {start}..{start + k - 1} failed ({err}); "
                                 f"fix the disk problem (space, permissions) and re-run to resume") from None
+        self._hashes = hashes
         return self.next_row
 
     def finalize(self) -> Path:
@@ -707,9 +1081,9 @@ class FeatureWriter:
 def _check_ids(ids: Sequence[str] | np.ndarray) -> np.ndarray:
     arr = np.empty(len(ids), dtype=object)
     arr[:] = list(ids)
-    bad = [i for i, x in enumerate(arr) if not isinstance(x, str)]
+    bad = [i for i, x in enumerate(arr) if not isinstance(x, str) or "\0" in x]
     if bad:
-        raise ValueError(f"news ids must be str; row {bad[0]} is {arr[bad[0]]!r}")
+        raise ValueError(f"news ids must be str without NUL; row {bad[0]} is {arr[bad[0]]!r}")
     seen: set[str] = set()
     for row, news_id in enumerate(arr.tolist()):
         if news_id in seen:
@@ -724,8 +1098,9 @@ def _check_ids(ids: Sequence[str] | np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FeatureArrays:
-    """A whole store in memory. ids (N,) str; vectors (N, D); present (N,) bool;
-    tokens (N, L, Dt) and mask (N, L) bool, or None."""
+    """A store's arrays. ids (N,) str; vectors (N, D); present (N,) bool; tokens (N, L, Dt)
+    and mask (N, L) bool, or None (no tokens in the store, or not asked for). From
+    `load(tokens="lazy")` tokens is a copy-on-write np.memmap of the file (module docstring)."""
 
     ids: np.ndarray
     vectors: np.ndarray
@@ -735,13 +1110,16 @@ class FeatureArrays:
 
 
 class FeatureStore:
-    """A complete, verified store opened read-only. Use `FeatureStore.open`.
+    """A complete store opened read-only, every read checked against its checksums. Use
+    `FeatureStore.open`.
 
-    Gathers (`get`, `take`, `*_tokens`) read sorted unique rows from the file, or from memory
-    after `load()` / `open(..., in_memory=True)`; any order and duplicates are fine.
+    Opening verifies the attributes, the ids and `present`; every later read verifies the
+    blocks it touches, once per open store. Gathers (`get`, `take`, `*_tokens`) read sorted
+    unique rows from the file, or from memory after `load()` / `open(..., in_memory=True)`;
+    any order and duplicates are fine.
     """
 
-    def __init__(self, path: Path, f: h5py.File, header: StoreHeader, ids: np.ndarray):
+    def __init__(self, path: Path, f: h5py.File, header: StoreHeader, ids: np.ndarray, blocks: _Blocks):
         self.path = path
         self.meta = header.meta
         self.created = header.created
@@ -749,8 +1127,10 @@ class FeatureStore:
         self.ids = ids  # (N,) object str
         self.index: dict[str, int] = {x: i for i, x in enumerate(ids.tolist())}
         self._file: h5py.File | None = f
-        self._arrays: FeatureArrays | None = None
-        self.present = self._read(lambda: f["present"][:])  # (N,) bool
+        self._blocks: _Blocks | None = blocks
+        self._memory: dict[str, np.ndarray] = {}  # whole datasets read into memory
+        self._mapped_tokens: np.ndarray | None = None  # (N, L, Dt) memmap, verified
+        self.present = self._whole("present")  # (N,) bool
 
     @classmethod
     def open(cls, path: PathLike, expected_fingerprint: str | None = None, *, in_memory: bool = False) -> FeatureStore:
@@ -766,10 +1146,14 @@ class FeatureStore:
             f = _open_h5(path)
         except OSError as err:
             raise PipelineError(_corrupt_message(path, str(err))) from None
+        fd: int | None = None
         try:
             try:
-                header, _ = _check_layout(f, path)
-                ids = f["news_ids"].asstr()[:] if header.rows else np.empty(0, dtype=object)
+                header, spans = _check_layout(f, path)
+                ids = _read_ids(f, header.rows)
+                _check_digests(f, ids)
+            except _Outdated as err:
+                raise PipelineError(f"{path}: {err}; delete it and re-run extraction") from None
             except _Corrupt as err:
                 raise PipelineError(_corrupt_message(path, str(err))) from None
             except OSError as err:
@@ -785,11 +1169,15 @@ class FeatureStore:
                     f"{path}: features were extracted from dataset fingerprint {header.meta.fingerprint} "
                     f"but the dataset now has fingerprint {expected_fingerprint}; the news changed since "
                     f"extraction: re-run extraction for this dataset")
-            store = cls(path, f, header, ids)
+            fd = os.open(path, os.O_RDONLY)
+            blocks = _raw_call(path, lambda: _Blocks(path, fd, spans))
+            store = cls(path, f, header, ids, blocks)
             if in_memory:
                 store.load()
         except BaseException:
             f.close()
+            if fd is not None:
+                os.close(fd)
             raise
         return store
 
@@ -839,20 +1227,71 @@ class FeatureStore:
 
     def take_tokens(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """tokens (K, L, Dt) and mask (K, L) of the given rows."""
+        self._require_tokens()
+        return self._gather("tokens", indices), self._gather("mask", indices)
+
+    def load(self, tokens: bool | Literal["lazy"] = True) -> FeatureArrays:
+        """The store's arrays, read into memory and verified; later gathers are served from them.
+
+        tokens=True reads tokens and mask too; False leaves them unread (None), so a pooled
+        ranker reads no token byte; "lazy" reads the mask and maps the tokens as a
+        copy-on-write np.memmap, verified first in one streaming pass (module docstring).
+        """
+        if tokens not in (True, False, "lazy"):
+            raise ValueError(f"tokens must be True, False or 'lazy', got {tokens!r}")
+        vectors = self._whole("vectors")  # (N, D)
+        tok = msk = None
+        if tokens is not False and self.has_tokens:
+            msk = self._whole("mask")  # (N, L)
+            if tokens is True or "tokens" in self._memory:
+                tok = self._whole("tokens")  # (N, L, Dt)
+            else:
+                tok = self._map_tokens()  # (N, L, Dt) memmap
+        return FeatureArrays(ids=self.ids, vectors=vectors, present=self.present, tokens=tok, mask=msk)
+
+    def read_rows(self, start: int, stop: int, tokens: bool = True) -> FeatureArrays:
+        """Rows start..stop-1 of every dataset (tokens and mask only when asked), verified."""
+        n = len(self)
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"{self.path}: rows {start}..{stop - 1} out of range 0..{n - 1}")
+        with_tokens = tokens and self.has_tokens
+        return FeatureArrays(
+            ids=self.ids[start:stop],
+            vectors=self._rows("vectors", start, stop),
+            present=self.present[start:stop],
+            tokens=self._rows("tokens", start, stop) if with_tokens else None,
+            mask=self._rows("mask", start, stop) if with_tokens else None,
+        )
+
+    def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        if name in self._memory:
+            return self._memory[name][start:stop]
+        return _raw_call(self.path, lambda: self._require_open()[1].read(name, start, stop))
+
+    def _whole(self, name: str) -> np.ndarray:
+        if name not in self._memory:
+            self._memory[name] = self._rows(name, 0, len(self))
+        return self._memory[name]
+
+    def _map_tokens(self) -> np.ndarray:
+        """(N, L, Dt) tokens as a copy-on-write memmap, every block verified first."""
+        if self._mapped_tokens is None:
+            blocks = self._require_open()[1]
+            _raw_call(self.path, lambda: blocks.verify("tokens"))
+            span = blocks.spans["tokens"]
+            if span.rows == 0:
+                self._mapped_tokens = np.empty(span.shape, dtype=span.dtype)
+            else:
+                # 'c': private pages, so torch.from_numpy takes it without a read-only warning
+                # and a stray in-place write can never reach the file.
+                self._mapped_tokens = np.memmap(self.path, dtype=span.dtype, mode="c", offset=span.offset,
+                                                shape=span.shape)
+        return self._mapped_tokens
+
+    def _require_tokens(self) -> None:
         if not self.has_tokens:
             raise PipelineError(f"{self.path}: this feature store has no token vectors; "
                                 f"re-run extraction with tokens enabled")
-        return self._gather("tokens", indices), self._gather("mask", indices)
-
-    def load(self) -> FeatureArrays:
-        """Read the whole store into memory; later gathers are served from it."""
-        if self._arrays is None:
-            f = self._require_open()
-            tok = self._read(lambda: f["tokens"][:]) if self.has_tokens else None
-            msk = self._read(lambda: f["mask"][:]) if self.has_tokens else None
-            vec = self._read(lambda: f["vectors"][:])
-            self._arrays = FeatureArrays(ids=self.ids, vectors=vec, present=self.present, tokens=tok, mask=msk)
-        return self._arrays
 
     def _gather(self, name: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)  # (K,)
@@ -860,9 +1299,12 @@ class FeatureStore:
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             bad = int(idx[(idx < 0) | (idx >= n)][0])
             raise IndexError(f"{self.path}: row {bad} out of range 0..{n - 1}")
-        if self._arrays is not None:
-            return getattr(self._arrays, name)[idx]
-        dset = self._require_open()[name]
+        if name in self._memory:
+            return self._memory[name][idx]
+        if name == "tokens" and self._mapped_tokens is not None:
+            return np.asarray(self._mapped_tokens[idx])
+        f, blocks = self._require_open()
+        dset = f[name]
         if idx.size == 0:
             return np.empty((0,) + dset.shape[1:], dtype=dset.dtype)
         # h5py fancy indexing needs strictly increasing indices: read the sorted unique rows,
@@ -870,10 +1312,10 @@ class FeatureStore:
         uniq, inverse = np.unique(idx, return_inverse=True)
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
         if hi - lo <= 2 * len(uniq) + 64:
-            # Dense enough: one contiguous read beats a many-hyperslab selection.
-            block = self._read(lambda: dset[lo:hi])
-            rows = block[uniq - lo]
+            # Dense enough: one contiguous (verified) read beats a many-hyperslab selection.
+            rows = self._rows(name, lo, hi)[uniq - lo]
         else:
+            _raw_call(self.path, lambda: blocks.ensure(name, uniq))
             rows = self._read(lambda: dset[uniq])
         return rows[inverse]
 
@@ -883,21 +1325,35 @@ class FeatureStore:
         except OSError as err:
             raise PipelineError(_corrupt_message(self.path, f"read failed: {err}")) from None
 
-    def _require_open(self) -> h5py.File:
-        if self._file is None:
+    def _require_open(self) -> tuple[h5py.File, _Blocks]:
+        if self._file is None or self._blocks is None:
             raise ValueError(f"{self.path}: feature store is closed")
-        return self._file
+        return self._file, self._blocks
 
     def close(self) -> None:
+        """Close the file; arrays already returned (a lazy token memmap included) stay usable."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._blocks is not None:
+            os.close(self._blocks.fd)
+            self._blocks = None
 
     def __enter__(self) -> FeatureStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _raw_call(path: Path, fn: Callable[[], Any]) -> Any:
+    """Run a raw read: a short file is corruption, a failed read a (maybe transient) disk error."""
+    try:
+        return fn()
+    except _Corrupt as err:
+        raise PipelineError(_corrupt_message(path, str(err))) from None
+    except OSError as err:
+        raise StoreIOError(f"{path}: reading the feature store failed ({err}); check the disk and re-run") from None
 
 
 def _incomplete_message(partial: Path) -> str:
@@ -919,14 +1375,17 @@ def _incomplete_message(partial: Path) -> str:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Integrity of one file. status: complete | incomplete | corrupt; detail says why and what to do."""
+    """Integrity of one file. status: complete | incomplete | corrupt | outdated (written
+    before checksums); detail says why and what to do."""
 
-    status: Literal["complete", "incomplete", "corrupt"]
+    status: Literal["complete", "incomplete", "corrupt", "outdated"]
     detail: str
     header: StoreHeader | None = None
     committed: int | None = None
     present_count: int | None = None
     nonfinite_rows: int | None = None
+    blocks_checked: int | None = None  # checksummed blocks verified (all, or those of committed rows)
+    blocks_total: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -936,7 +1395,9 @@ class Verdict:
 def verify(path: PathLike, check_values: bool = False) -> Verdict:
     """Inspect a store or a `.partial` without raising for its problems.
 
-    check_values also scans the committed rows of vectors and tokens for NaN/Inf.
+    Verifies the checksums of the attributes, the ids and every block of committed rows (a
+    partial's block in progress cannot be checked yet). check_values also scans the
+    committed rows of vectors and tokens for NaN/Inf.
     """
     path = Path(path)
     if not path.exists():
@@ -946,28 +1407,58 @@ def verify(path: PathLike, check_values: bool = False) -> Verdict:
         f = _open_h5(path)
     except OSError as err:
         return Verdict("corrupt", f"HDF5 cannot open it ({err}); {redo}")
+    found: dict[str, Any] = {}
     with f:
         try:
-            header, _ = _check_layout(f, path)
+            header, spans = _check_layout(f, path)
+            found["header"] = header
+            _check_digests(f, _read_ids(f, header.rows))
             is_partial = path.name.endswith(".partial")
             if is_partial:
                 committed = _read_progress(path, header.write_id, header.rows) or 0
             else:
                 committed = header.committed_rows
-            present_count = int(np.count_nonzero(f["present"][:committed]))
-            nonfinite = _count_nonfinite_rows(f, committed, header.meta.has_tokens) if check_values else None
+            found["committed"] = committed
+            mismatches = _scan_committed(path, spans, committed, found)
+            if mismatches:
+                return Verdict("corrupt", f"{'; '.join(mismatches)}; {redo}", **found)
+            found["present_count"] = int(np.count_nonzero(f["present"][:committed]))
+            if check_values:
+                found["nonfinite_rows"] = _count_nonfinite_rows(f, committed, header.meta.has_tokens)
+        except _Outdated as err:
+            return Verdict("outdated", f"{err}; {redo}", **found)
         except _Corrupt as err:
-            return Verdict("corrupt", f"{err}; {redo}")
+            return Verdict("corrupt", f"{err}; {redo}", **found)
         except OSError as err:
-            return Verdict("corrupt", f"read failed ({err}); {redo}")
-    found = dict(header=header, committed=committed, present_count=present_count, nonfinite_rows=nonfinite)
+            return Verdict("corrupt", f"read failed ({err}); {redo}", **found)
     if is_partial or not header.complete or committed != header.rows:
         how = ("re-run extraction to resume it" if is_partial
                else "it was never finalized; delete it and re-run extraction")
         return Verdict("incomplete", f"{committed} of {header.rows} rows committed; {how}", **found)
-    if nonfinite:
-        return Verdict("corrupt", f"{nonfinite} rows hold NaN or Inf; {redo}", **found)
-    return Verdict("complete", f"all {header.rows} rows committed", **found)
+    if found.get("nonfinite_rows"):
+        return Verdict("corrupt", f"{found['nonfinite_rows']} rows hold NaN or Inf; {redo}", **found)
+    return Verdict("complete", f"all {header.rows} rows committed, every checksum verified", **found)
+
+
+def _scan_committed(path: Path, spans: dict[str, _Span], committed: int, found: dict[str, Any]) -> list[str]:
+    """Verify every block whose rows are all committed; one line per dataset with mismatches.
+    Records blocks_checked / blocks_total in `found`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        blocks = _Blocks(path, fd, spans)
+        mismatches, checked, total = [], 0, 0
+        for name, span in spans.items():
+            # A block's digest is written when its last row is: only whole committed blocks count.
+            whole = span.blocks if committed >= span.rows else committed // span.block_rows
+            bad = blocks.scan(name, 0, whole)
+            if bad:
+                mismatches.append(blocks.describe(name, bad))
+            checked += whole - len(bad)
+            total += span.blocks
+        found.update(blocks_checked=checked, blocks_total=total)
+        return mismatches
+    finally:
+        os.close(fd)
 
 
 def _count_nonfinite_rows(f: h5py.File, committed: int, has_tokens: bool, block: int = 4096) -> int:
@@ -1001,7 +1492,11 @@ def _print_info(path: Path, verdict: Verdict) -> None:
         print(f"created      {header.created}")
         print(f"versions     " + ", ".join(f"{k} {v}" for k, v in sorted(header.versions.items())))
         print(f"format       {FORMAT} v{header.format_version}")
-        print(f"present      {verdict.present_count} of {verdict.committed} committed rows")
+        if verdict.blocks_total is not None:
+            print(f"checksums    {CHECKSUM} per {header.block_bytes}-byte block of rows: "
+                  f"{verdict.blocks_checked} of {verdict.blocks_total} blocks verified")
+        if verdict.present_count is not None:
+            print(f"present      {verdict.present_count} of {verdict.committed} committed rows")
         if verdict.nonfinite_rows is not None:
             print(f"non-finite   {verdict.nonfinite_rows} rows with NaN/Inf")
         print(f"preprocess   {json.dumps(meta.preprocess, sort_keys=True)}")
@@ -1017,8 +1512,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "info", help="print a store's metadata and integrity verdict",
         description="Print the metadata of a feature store (extractor, checkpoint, mode, rows, dim, "
                     "dtype, tokens, dataset fingerprint, creation time, package versions, preprocessing) "
-                    "and its integrity verdict. Exit status 0 when complete, 1 when incomplete "
-                    "(an interrupted extraction, e.g. a .partial file) or corrupt.")
+                    "and its integrity verdict, verifying every checksum (attributes, ids, each block "
+                    "of rows). Exit status 0 when complete, 1 when incomplete (an interrupted extraction, "
+                    "e.g. a .partial file), corrupt (a checksum mismatch names the dataset and rows) or "
+                    "outdated (written before checksums).")
     info.add_argument("file", type=Path, help="a .h5 store or a .h5.partial left by an interrupted extraction")
     info.add_argument("--check-values", action="store_true",
                       help="also scan the committed rows for NaN/Inf (reads all vectors and tokens)")

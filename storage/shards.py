@@ -17,8 +17,11 @@ vectors are bit-identical to that run's rows.
 `merge_shards` checks every shard (present, complete, same meta, ids equal to its row range
 of the catalogue, ranges covering 0..N-1 with no gap or overlap) and then copies the rows
 into the usual preallocated layout at the usual path, through `FeatureWriter`: the merged
-store is an ordinary store, dataset for dataset byte-identical to a single-process one, and
-a merge killed half-way resumes like any extraction. Letters: N rows, K shards, D width.
+store is an ordinary store, dataset for dataset byte-identical to a single-process one (its
+checksums included: blocks are fixed by row number), and a merge killed half-way resumes
+like any extraction. The rows are read through `FeatureStore.read_rows`, which verifies each
+shard's checksums: a damaged shard is refused, never copied under fresh checksums.
+Letters: N rows, K shards, D width.
 
 Not chosen: an HDF5 virtual dataset over the shard files. It saves the copy, but the store
 would no longer be contiguous (`FeatureStore` reads contiguous blocks and refuses other
@@ -31,9 +34,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import h5py
 import numpy as np
@@ -50,6 +54,7 @@ from storage.features import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SHARD_DIR = "shards"
 SHARD_ATTRS = ("shard_index", "shard_count", "shard_start", "shard_stop", "shard_of_rows")
@@ -232,18 +237,24 @@ def _merge_writer(path: Path, meta: StoreMeta, ids: np.ndarray, fsync: bool) -> 
 
 
 def _copy_rows(shard: Shard, writer: FeatureWriter, meta: StoreMeta, block_rows: int) -> None:
-    """Rows of `shard` from the writer's next row on, in blocks of at most block_rows."""
+    """Rows of `shard` from the writer's next row on, in blocks of at most block_rows, each
+    checked against the shard's checksums as it is read."""
+    store = _shard_read(shard, lambda: FeatureStore.open(shard.path))
+    with store:
+        for start in range(max(writer.next_row, shard.start), shard.stop, block_rows):
+            a, b = start - shard.start, min(start + block_rows, shard.stop) - shard.start
+            rows = _shard_read(shard, lambda: store.read_rows(a, b, tokens=meta.has_tokens))  # (b-a, D) ...
+            writer.write(rows.vectors, rows.present, tokens=rows.tokens, mask=rows.mask)
+
+
+def _shard_read(shard: Shard, read: Callable[[], T]) -> T:
+    """A read of a shard; its errors name the shard (a disk error stays a retryable StoreIOError)."""
     try:
-        with h5py.File(shard.path, "r", locking=False) as f:
-            for start in range(max(writer.next_row, shard.start), shard.stop, block_rows):
-                a, b = start - shard.start, min(start + block_rows, shard.stop) - shard.start
-                vectors = f["vectors"][a:b]  # (b-a, D)
-                present = f["present"][a:b]  # (b-a,)
-                tokens = (f["tokens"][a:b], f["mask"][a:b]) if meta.has_tokens else (None, None)
-                writer.write(vectors, present, tokens=tokens[0], mask=tokens[1])
-    except OSError as err:
-        raise StoreIOError(f"{shard.path}: reading {shard.describe()} failed ({err}); "
-                           f"check the disk and re-run to resume the merge") from None
+        return read()
+    except StoreIOError as err:
+        raise StoreIOError(f"{shard.describe()}: {err}; re-run to resume the merge") from None
+    except PipelineError as err:
+        raise PipelineError(f"{shard.describe()}: {err}") from None
 
 
 def remove_shards(shards: Sequence[Shard]) -> None:

@@ -1,4 +1,5 @@
-"""HDF5 feature store: round trips, gathers, refusals, read-only use, resume, and kill -9."""
+"""HDF5 feature store: round trips, gathers, refusals, read-only use, resume, kill -9,
+checksums (issue 11) and pooled loads that leave token vectors unread (issue 13)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,13 @@ import h5py
 import numpy as np
 import pytest
 
+import storage.features as features_module
 from storage.errors import PipelineError
 from storage.features import (
+    BLOCK_BYTES,
     FeatureStore,
     FeatureWriter,
+    StoreIOError,
     StoreMeta,
     main,
     partial_path,
@@ -39,11 +43,12 @@ _spec.loader.exec_module(sw)
 ROWS, DIM, TOKENS = 400, 16, 4
 
 
-def _write(path: Path, rows: int = ROWS, chunk: int = 37, token_len: int | None = TOKENS, **meta_kw) -> Path:
-    meta = sw.make_meta(DIM, token_len, **meta_kw)
-    with FeatureWriter(path, meta, sw.make_ids(rows), fsync=False) as writer:
+def _write(path: Path, rows: int = ROWS, chunk: int = 37, token_len: int | None = TOKENS,
+           block_bytes: int = BLOCK_BYTES, dim: int = DIM, **meta_kw) -> Path:
+    meta = sw.make_meta(dim, token_len, **meta_kw)
+    with FeatureWriter(path, meta, sw.make_ids(rows), fsync=False, block_bytes=block_bytes) as writer:
         for start in range(writer.next_row, rows, chunk):
-            writer.write(*sw.make_rows(start, min(start + chunk, rows), DIM, token_len))
+            writer.write(*sw.make_rows(start, min(start + chunk, rows), dim, token_len))
         return writer.finalize()
 
 
@@ -54,11 +59,27 @@ def _expected(rows: int = ROWS, token_len: int | None = TOKENS, dtype: str = "fl
 
 
 def _datasets(path: Path) -> dict[str, bytes]:
-    """Every dataset's content as bytes, straight from h5py (no store code involved)."""
+    """Every dataset's content as bytes, digest tables included, straight from h5py (no
+    store code involved)."""
+    names = ("vectors", "present", "tokens", "mask")
     with h5py.File(path, "r") as f:
-        out = {name: f[name][()].tobytes() for name in ("vectors", "present", "tokens", "mask") if name in f}
+        out = {name: f[name][()].tobytes() for name in names + tuple(f"checksums/{n}" for n in names) if name in f}
         out["news_ids"] = "\n".join(f["news_ids"].asstr()[:]).encode()
     return out
+
+
+def _flip(path: Path, name: str, nbytes: int = 64) -> int:
+    """Invert `nbytes` bytes in the middle of dataset `name`'s data; returns the first row hit."""
+    with h5py.File(path, "r") as f:
+        offset, size = f[name].id.get_offset(), f[name].id.get_storage_size()
+        row_bytes = size // f[name].shape[0]
+    at = offset + size // 2
+    with open(path, "r+b") as fh:
+        fh.seek(at)
+        chunk = fh.read(nbytes)
+        fh.seek(at)
+        fh.write(bytes(b ^ 0xFF for b in chunk))
+    return (size // 2) // row_bytes
 
 
 def _info(path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -257,8 +278,11 @@ def test_row_writes_leave_hdf5_metadata_untouched(tmp_path):
     path = tmp_path / "s.h5"
     writer = FeatureWriter(path, sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS), fsync=False)
     before = np.frombuffer(partial_path(path).read_bytes(), dtype=np.uint8)
+    names = ("vectors", "present", "tokens", "mask")
     with h5py.File(partial_path(path), "r") as f:
-        blocks = [(f[n].id.get_offset(), f[n].id.get_storage_size()) for n in ("vectors", "present", "tokens", "mask")]
+        # The data blocks and their digest tables (written with the rows that complete a block).
+        blocks = [(f[n].id.get_offset(), f[n].id.get_storage_size())
+                  for n in names + tuple(f"checksums/{n}" for n in names)]
     for start in range(0, ROWS, 50):
         writer.write(*sw.make_rows(start, start + 50, DIM, TOKENS))
     after = np.frombuffer(partial_path(path).read_bytes(), dtype=np.uint8)
@@ -465,3 +489,290 @@ def test_kill_9_at_each_step_of_a_commit(tmp_path, complete_store, stall, commit
     with pytest.raises(PipelineError, match="already exists and is complete"):
         FeatureWriter(path, sw.make_meta(DIM, TOKENS), sw.make_ids(KILL_ROWS))
     assert not progress_path(path).exists() and not partial_path(path).exists()
+
+
+# --------------------------------------------------------------------------- checksums (issue 11)
+
+SMALL_BLOCKS = 1024  # bytes: vectors (64 B a row) make 16-row blocks, tokens (256 B) 4-row blocks
+
+
+def _rows_of_block(row: int, row_bytes: int, block_bytes: int = SMALL_BLOCKS) -> str:
+    per = max(1, block_bytes // row_bytes)
+    lo = row // per * per
+    return f"rows {lo}..{min(lo + per, ROWS) - 1}"
+
+
+@pytest.fixture
+def blocky_store(tmp_path) -> Path:
+    return _write(tmp_path / "blocky.h5", block_bytes=SMALL_BLOCKS)
+
+
+def test_a_clean_store_verifies_every_block(blocky_store, capsys):
+    verdict = verify(blocky_store)
+    # Blocks of 16 vector rows, 1024 present rows, 4 token rows, 256 mask rows: all checked.
+    assert verdict.ok and verdict.blocks_checked == verdict.blocks_total == 25 + 1 + 100 + 2
+    assert main(["info", str(blocky_store)]) == 0
+    out = capsys.readouterr().out
+    assert "checksums    sha256 per 1024-byte block of rows: 128 of 128 blocks verified" in out
+    assert "every checksum verified" in out
+    vec, pres, tok, msk = _expected()
+    with FeatureStore.open(blocky_store) as store:
+        arrays = store.load()
+        assert arrays.vectors.tobytes() == vec.tobytes() and arrays.tokens.tobytes() == tok.tobytes()
+
+
+def test_flipped_vector_bytes_are_refused_by_every_reader_and_by_info(blocky_store):
+    row = _flip(blocky_store, "vectors")  # 64 bytes from row 200 on: one row of one block
+    where = _rows_of_block(row, DIM * 4)
+    fix = "delete it and re-run extraction"
+    with FeatureStore.open(blocky_store) as store:
+        with pytest.raises(PipelineError) as err:
+            store.load()
+        message = str(err.value)
+        assert str(blocky_store) in message and f"checksum mismatch in vectors {where}" in message
+        assert fix in message
+        with pytest.raises(PipelineError, match=f"vectors {where}"):
+            store.take([row])  # a dense gather: one verified read
+        with pytest.raises(PipelineError, match=f"vectors {where}"):
+            store.take([0, row, 399])  # far apart: blocks checked, then a fancy read
+        # Blocks elsewhere are intact and still served, verified.
+        vec = _expected()[0]
+        assert store.take([0, 1, 399]).tobytes() == vec[[0, 1, 399]].tobytes()
+    with pytest.raises(PipelineError, match=f"checksum mismatch in vectors {where}"):
+        FeatureStore.open(blocky_store, in_memory=True)
+    verdict = verify(blocky_store)
+    assert verdict.status == "corrupt" and f"checksum mismatch in vectors {where}" in verdict.detail
+    assert verdict.blocks_checked == verdict.blocks_total - 1
+    result = _info(blocky_store)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert f"verdict      corrupt: checksum mismatch in vectors {where}" in result.stdout
+    assert "checksums    sha256 per 1024-byte block of rows: 127 of 128 blocks verified" in result.stdout
+
+
+def test_flipped_token_bytes_are_refused_while_pooled_reads_go_on(blocky_store):
+    row = _flip(blocky_store, "tokens")
+    where = _rows_of_block(row, TOKENS * DIM * 4)
+    vec, pres, tok, _ = _expected()
+    with FeatureStore.open(blocky_store) as store:
+        pooled = store.load(tokens=False)  # never touches the damaged tokens
+        assert pooled.tokens is None and pooled.mask is None and pooled.vectors.tobytes() == vec.tobytes()
+        for load in (lambda: store.load(), lambda: store.load(tokens="lazy"), lambda: store.take_tokens([row])):
+            with pytest.raises(PipelineError, match=f"checksum mismatch in tokens {where}.*re-run extraction"):
+                load()
+        got, _ = store.take_tokens([0, 399])
+        assert got.tobytes() == tok[[0, 399]].tobytes()
+    result = _info(blocky_store)
+    assert result.returncode == 1 and f"verdict      corrupt: checksum mismatch in tokens {where}" in result.stdout
+
+
+def test_changed_ids_or_attributes_are_refused(complete_store, tmp_path):
+    ids = tmp_path / "ids.h5"
+    shutil.copy(complete_store, ids)
+    with h5py.File(ids, "r+") as f:
+        f["news_ids"][3] = "N99999"
+    attrs = tmp_path / "attrs.h5"
+    shutil.copy(complete_store, attrs)
+    with h5py.File(attrs, "r+") as f:
+        f.attrs.modify("checkpoint", "tiny/kill-tesT")
+    for path, what in ((ids, "news_ids do not match their checksum"),
+                       (attrs, "root attributes do not match their checksum")):
+        with pytest.raises(PipelineError, match=f"{what}.*re-run extraction"):
+            FeatureStore.open(path)
+        assert verify(path).status == "corrupt" and what in verify(path).detail
+
+
+def test_a_store_written_before_checksums_is_refused_with_re_extract(complete_store, tmp_path):
+    old = tmp_path / "old.h5"
+    shutil.copy(complete_store, old)
+    with h5py.File(old, "r+") as f:  # what format 1 wrote: no checksums at all
+        f.attrs.modify("format_version", np.int64(1))
+        for key in ("checksum", "block_bytes", "ids_sha256", "attrs_sha256"):
+            del f.attrs[key]
+        del f["checksums"]
+    with pytest.raises(PipelineError) as err:
+        FeatureStore.open(old)
+    assert str(err.value) == (f"{old}: it was written by an older mmnews (feature store format 1) without "
+                              f"checksums, so its data cannot be verified; delete it and re-run extraction")
+    assert verify(old).status == "outdated"
+    result = _info(old)
+    assert result.returncode == 1 and "verdict      outdated" in result.stdout
+
+
+def test_digests_do_not_depend_on_chunking_resume_or_a_failed_write(tmp_path, monkeypatch):
+    reference = _write(tmp_path / "ref.h5", chunk=ROWS, block_bytes=SMALL_BLOCKS)
+    path = tmp_path / "s.h5"
+    meta, ids = sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS)
+    # Resumes land inside blocks (rows 13, 150, 151 are not multiples of 4 or 16).
+    for stop in (13, 150, 151, ROWS):
+        with FeatureWriter(path, meta, ids, fsync=False, block_bytes=SMALL_BLOCKS) as writer:
+            for start in range(writer.next_row, stop, 29):
+                end = min(start + 29, stop)
+                if start == 180:  # a disk error half-way through a chunk, then the same chunk again
+                    real, calls = os.pwrite, {"n": 0}
+
+                    def flaky(fd, data, offset):
+                        calls["n"] += 1
+                        if calls["n"] == 3:
+                            raise OSError(28, "No space left on device")
+                        return real(fd, data, offset)
+
+                    monkeypatch.setattr(os, "pwrite", flaky)
+                    with pytest.raises(StoreIOError):
+                        writer.write(*sw.make_rows(start, end, DIM, TOKENS))
+                    monkeypatch.setattr(os, "pwrite", real)
+                writer.write(*sw.make_rows(start, end, DIM, TOKENS))
+            if stop == ROWS:
+                writer.finalize()
+    assert _datasets(path) == _datasets(reference)
+    assert verify(path).ok
+    with pytest.raises(PipelineError, match="block_bytes: file has 1024, this run has 2048"):
+        with FeatureWriter(tmp_path / "t.h5", meta, ids, fsync=False, block_bytes=SMALL_BLOCKS) as writer:
+            writer.write(*sw.make_rows(0, 10, DIM, TOKENS))
+        FeatureWriter(tmp_path / "t.h5", meta, ids, block_bytes=2 * SMALL_BLOCKS)
+
+
+def _write_shards(folder: Path, bounds: list[tuple[int, int]], rows: int = ROWS):
+    from storage.shards import Shard, shard_path
+
+    meta, ids = sw.make_meta(DIM, TOKENS), sw.make_ids(rows)
+    shards = []
+    for k, (a, b) in enumerate(bounds):
+        shard = Shard(k, len(bounds), a, b, shard_path(folder / "store.h5", k, len(bounds)))
+        with FeatureWriter(shard.path, meta, ids[a:b], fsync=False, attrs=shard.attrs(rows)) as writer:
+            writer.write(*sw.make_rows(a, b, DIM, TOKENS))
+            writer.finalize()
+        shards.append(shard)
+    return meta, ids, shards
+
+
+def test_merged_shards_equal_the_one_process_store_checksums_included(tmp_path, complete_store):
+    from storage.shards import merge_shards
+
+    meta, ids, shards = _write_shards(tmp_path, [(0, 150), (150, 301), (301, ROWS)])
+    merged = merge_shards(tmp_path / "store.h5", shards, meta, ids, fsync=False, block_rows=64)
+    assert _datasets(merged) == _datasets(complete_store) and verify(merged).ok
+
+
+def test_a_damaged_shard_is_refused_by_the_merge(tmp_path):
+    from storage.shards import merge_shards
+
+    meta, ids, shards = _write_shards(tmp_path, [(0, 200), (200, ROWS)])
+    _flip(shards[1].path, "tokens")
+    with pytest.raises(PipelineError) as err:
+        merge_shards(tmp_path / "store.h5", shards, meta, ids, fsync=False)
+    message = str(err.value)
+    assert message.startswith("shard-01-of-02 (rows 200..399 of the store): ")
+    assert f"{shards[1].path}: checksum mismatch in tokens" in message and "re-run extraction" in message
+    assert not (tmp_path / "store.h5").exists()
+
+
+# --------------------------------------------------------------------------- pooled and lazy loads (issue 13)
+
+BIG_ROWS, BIG_DIM, BIG_TOKENS = 1000, 32, 64  # tokens 8 MB against vectors 128 kB (float32)
+
+
+@pytest.fixture(scope="module")
+def token_heavy_store(tmp_path_factory) -> Path:
+    return _write(tmp_path_factory.mktemp("heavy") / "heavy.h5", rows=BIG_ROWS, chunk=250, token_len=BIG_TOKENS,
+                  dim=BIG_DIM)
+
+
+def _bytes_read() -> int:
+    """Bytes this process has passed through read()/pread() so far (HDF5's C reads included)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+def _catalogue(rows: int):
+    """What load_features needs of a Catalogue: the ids and the fingerprint."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(ids=np.array(sw.make_ids(rows), dtype=object), fingerprint=lambda: sw.FINGERPRINT)
+
+
+def test_a_pooled_load_reads_no_token_bytes(token_heavy_store):
+    from rankers.data import load_features
+
+    tokens_size = BIG_ROWS * BIG_TOKENS * BIG_DIM * 4
+    vectors_size = BIG_ROWS * BIG_DIM * 4
+    before = _bytes_read()
+    with FeatureStore.open(token_heavy_store) as store:
+        arrays = store.load(tokens=False)
+    pooled = _bytes_read() - before
+    assert arrays.tokens is None and arrays.vectors.shape == (BIG_ROWS, BIG_DIM)
+    assert vectors_size <= pooled < vectors_size + tokens_size // 10, pooled
+    before = _bytes_read()
+    features = load_features(token_heavy_store, _catalogue(BIG_ROWS), tokens=False)
+    assert _bytes_read() - before < vectors_size + tokens_size // 10
+    assert features.tokens is None and features.mask is None
+    # The counter does see token reads: a full load passes every token byte.
+    before = _bytes_read()
+    with FeatureStore.open(token_heavy_store) as store:
+        store.load(tokens=True)
+    assert _bytes_read() - before >= tokens_size + vectors_size
+
+
+def test_lazy_tokens_are_a_verified_memmap_that_holds_no_copy(token_heavy_store, monkeypatch):
+    import tracemalloc
+
+    import torch
+
+    from rankers.data import load_features
+
+    monkeypatch.setattr(features_module, "_PIECE_BYTES", 1 << 16)  # the verifying pass's buffer
+    tokens_size = BIG_ROWS * BIG_TOKENS * BIG_DIM * 4
+    _, _, tok, msk = sw.make_rows(0, BIG_ROWS, BIG_DIM, BIG_TOKENS)
+    tracemalloc.start()
+    try:
+        before = _bytes_read()
+        features = load_features(token_heavy_store, _catalogue(BIG_ROWS), tokens=True)
+        read = _bytes_read() - before
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(features.tokens, np.memmap) and features.tokens.dtype == np.float32
+    assert read >= tokens_size  # the one streaming pass that verifies every token block
+    assert peak < tokens_size // 4, peak  # ... through a small buffer: no copy of the tokens
+    rows = np.array([999, 3, 3, 500])
+    assert features.tokens[rows].tobytes() == tok.astype(np.float32)[rows].tobytes()
+    np.testing.assert_array_equal(features.mask, msk)
+    # What rankers.train.NewsBank does with it: a tensor over the same pages, not a copy.
+    shared = torch.from_numpy(np.ascontiguousarray(features.tokens))
+    assert np.shares_memory(shared.numpy(), features.tokens)
+    assert torch.equal(shared[torch.tensor([999, 3])], torch.from_numpy(tok.astype(np.float32)[[999, 3]]))
+
+
+def test_lazy_tokens_keep_the_file_untouched_and_survive_close(token_heavy_store):
+    digest = hashlib.sha256(token_heavy_store.read_bytes()).hexdigest()
+    with FeatureStore.open(token_heavy_store) as store:
+        lazy = store.load(tokens="lazy")
+        assert store.take_tokens([5])[0].tobytes() == lazy.tokens[[5]].tobytes()
+        assert store.load(tokens=True).tokens.tobytes() == lazy.tokens.tobytes()
+    lazy.tokens[0] = 7.0  # private to this process (copy-on-write)
+    assert float(lazy.tokens[0, 0, 0]) == 7.0
+    assert hashlib.sha256(token_heavy_store.read_bytes()).hexdigest() == digest
+
+
+def _load_in_child(path: str, queue) -> None:
+    with FeatureStore.open(path) as store:
+        queue.put(store.load().tokens.shape)
+
+
+def test_a_forked_child_verifies_after_its_parent_hashed_in_threads(blocky_store, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(features_module, "_HASH_THREADS", 2)  # a pool even on a 1-core runner
+    with FeatureStore.open(blocky_store) as store:
+        store.load()  # starts the hashing threads in this process
+    assert features_module._hash_pool is not None
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_load_in_child, args=(str(blocky_store), queue))
+    child.start()
+    child.join(timeout=60)  # a child reusing the parent's dead pool would wait forever
+    if child.is_alive():
+        child.kill()
+        child.join()
+    assert child.exitcode == 0 and queue.get(timeout=5) == (ROWS, TOKENS, DIM)
