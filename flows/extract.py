@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=64, help="news per forward pass (default 64)")
     p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader processes decoding images (default: 0 on CPU, where the model keeps the cores busy; "
-                   "on a GPU every core but two, at most 16)")
+                   help="DataLoader processes decoding images (default: on a CPU one per core, at most 4, for 1,000 "
+                   "news or more, else 0; on a GPU every core but two, at most 16)")
     p.add_argument("--crop", choices=["card", "cover"], default="card", help="whole IM-MIND card or the cover box (15,15)-(215,180)")
     p.add_argument("--missing", choices=["card", "blank", "zeros"], default="card",
                    help="news without an image: a rendered title-only card (IM-MIND's way), a white card, or a zero vector")

@@ -39,7 +39,7 @@ def extract_store(spec: str, catalogue, features_dir: Path, options: ExtractOpti
     from extractors.run import default_workers, extract_catalogue
 
     extractor = build_extractor(spec, catalogue, features_dir, options)
-    workers = default_workers(options.device) if options.workers is None else options.workers
+    workers = default_workers(options.device, len(catalogue)) if options.workers is None else options.workers
     result = extract_catalogue(
         extractor, catalogue, features_dir, batch_size=options.batch_size, device=options.device,
         num_workers=workers, tokens=options.tokens, dtype=options.dtype, chunk_rows=options.chunk_rows,

@@ -222,10 +222,11 @@ def test_title_encoder_equals_the_tokenizer_call_and_falls_back(tmp_path):
 
 
 def test_default_workers(monkeypatch):
-    assert default_workers("cpu") == 0 and default_workers(CPU) == 0
-    for cores, workers in ((16, 14), (2, 1), (1, 1), (64, 16)):
+    for cores, gpu, cpu in ((16, 14, 4), (2, 1, 2), (1, 1, 1), (64, 16, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: set(range(c)), raising=False)
-        assert default_workers(torch.device("cuda")) == workers
+        assert default_workers(torch.device("cuda")) == gpu
+        assert default_workers("cpu", rows=65_238) == default_workers(CPU) == cpu
+        assert default_workers("cpu", rows=294) == 0  # a tiny catalogue decodes faster than workers start
 
 
 # ---- on the tiny world -------------------------------------------------------------------
