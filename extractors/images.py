@@ -124,6 +124,19 @@ def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return (pixels.float() / 255.0 - mean) / std
 
 
+def worker_context(num_workers: int):
+    """The multiprocessing context of DataLoader workers decoding cards: `forkserver` where
+    there is one (Linux), else the platform's default. A forked worker inherits its parent's
+    threads' locks and state: forked from a process running Prefect (a flow, or any test after a
+    Prefect harness) every worker died at once ("DataLoader worker exited unexpectedly with exit
+    code 1"); workers started by a fork server, which holds no such threads, run."""
+    import multiprocessing
+
+    if num_workers > 0 and "forkserver" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("forkserver")
+    return None
+
+
 class CardDataset(torch.utils.data.Dataset):
     """One item per news: (pixels (3, S, W), present, status). Decoding runs in DataLoader workers.
 

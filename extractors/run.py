@@ -43,7 +43,7 @@ import torch
 from extractors.checkpoints import identity_slug, slug_of
 from extractors.chunks import ChunkWriter, to_device
 from extractors.config import TINY
-from extractors.images import CONVERTED, CORRUPT, MISSING, CardDataset, normalize
+from extractors.images import CONVERTED, CORRUPT, MISSING, CardDataset, normalize, worker_context
 from storage.catalogue import Catalogue
 from storage.errors import PipelineError
 from storage.features import FeatureStore, FeatureWriter, StoreIOError, StoreMeta, store_path
@@ -472,11 +472,11 @@ def _image_batches(extractor, catalogue: Catalogue, start: int, stop: int, batch
     )
     loader = torch.utils.data.DataLoader(
         _IndexedCards(cards, start, stop), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=dev.type == "cuda", persistent_workers=False,
+        pin_memory=dev.type == "cuda", persistent_workers=False, multiprocessing_context=worker_context(num_workers),
     )
     mean, std = extractor.transform.stats(dev)
     zero_missing = extractor.config.missing == "zeros"
-    batches = iter(loader)  # workers fork here, before the tokenizer thread starts
+    batches = iter(loader)  # workers start here, before the tokenizer thread starts
     titles = _title_chunks(extractor, catalogue, start, stop, chunk_rows) if extractor.modality != "image" else None
     first = chunk_end = start
     try:

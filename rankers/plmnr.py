@@ -73,7 +73,7 @@ class RawNewsBank:
             self._prepare_images(vision, image_cache_gb, image_workers)
 
     def _prepare_images(self, vision, cache_gb: float, workers: int) -> None:
-        from extractors.images import CardDataset
+        from extractors.images import CardDataset, worker_context
 
         cfg = vision.config
         self.missing = cfg.missing
@@ -87,7 +87,8 @@ class RawNewsBank:
         if self.n * 3 * cfg.image_size[0] * cfg.image_size[1] > cache_gb * 2**30:
             return  # decoded per batch in gather
         pixels = torch.empty(self.n, 3, *cfg.image_size, dtype=torch.uint8)  # (N, 3, S, W)
-        loader = torch.utils.data.DataLoader(self.cards, batch_size=None, num_workers=workers)
+        loader = torch.utils.data.DataLoader(self.cards, batch_size=None, num_workers=workers,
+                                             multiprocessing_context=worker_context(workers))
         for i, (img, present, status) in enumerate(loader):
             pixels[i] = img
             self.present[i] = present
