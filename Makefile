@@ -27,8 +27,9 @@ demo: sync
 	$(VENV_PY) -m storage.mind validate $(WORLD)
 	$(VENV_PY) -m flows.compare --data $(WORLD) --name demo
 
+# Both cores: pytest-xdist, one file per worker at a time (module fixtures are built once).
 test: sync
-	$(VENV_PY) -m pytest
+	$(VENV_PY) -m pytest -n auto --dist loadfile
 
 bench: sync
 	$(VENV_PY) benchmarks/parse.py
