@@ -127,7 +127,8 @@ def create_blip(
     processor = load_or_explain("BLIP", checkpoint, BlipProcessor.from_pretrained)
     model = load_or_explain("BLIP", checkpoint, BlipForImageTextRetrieval.from_pretrained)
     images = processor.image_processor
-    side = int(images.size["height"]) if isinstance(images.size, dict) else int(images.size)
+    # transformers 5 gives a SizeDict (not a dict subclass), older versions a dict or an int.
+    side = int(images.size) if isinstance(images.size, int) else int(images.size["height"])
     config = replace(
         config, image_size=(side, side), mean=tuple(images.image_mean), std=tuple(images.image_std),
         interpolation="bicubic",
