@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from extractors.pretraining.corpus import Corpus
-from extractors.pretraining.loop import PretrainConfig
+from extractors.pretraining.loop import PretrainConfig, require
 from extractors.text import TINY_TEXT
 from extractors.tokenizer import train_wordpiece
 
@@ -42,6 +42,11 @@ class BertPretrainConfig(PretrainConfig):
     max_length: int = 64  # corpus sequences (abstracts) are cut here; titles are shorter
     vocab_size: int = 4000
     extract_max_length: int = 32  # what the saved tokenizer and sentence-transformers config advertise for titles
+
+    def check(self) -> None:
+        super().check()
+        require(self, 0 < self.mask_prob < 1 and self.max_length >= 8 and self.vocab_size >= 100,
+                 "mask_prob in (0, 1), max_length >= 8, vocab_size >= 100")
 
 
 class MaskedLanguageModel:

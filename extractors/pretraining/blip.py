@@ -33,7 +33,7 @@ from torch import nn
 from extractors.blip import TINY_BLIP_IMAGE, build_tiny_blip
 from extractors.pretraining.bert import length_batch
 from extractors.pretraining.corpus import Corpus, card_pixels
-from extractors.pretraining.loop import PretrainConfig
+from extractors.pretraining.loop import PretrainConfig, require
 from extractors.tokenizer import train_wordpiece
 from storage.errors import PipelineError
 
@@ -51,6 +51,11 @@ class BlipPretrainConfig(PretrainConfig):
     itm_weight: float = 1.0
     max_length: int = 32  # titles, as the extractor tokenises them
     vocab_size: int = 4000
+
+    def check(self) -> None:
+        super().check()
+        require(self, self.temperature > 0 and self.itm_weight >= 0 and self.max_length >= 8,
+                 "temperature > 0, itm_weight >= 0, max_length >= 8")
 
 
 class ImageTextMatching:

@@ -78,6 +78,11 @@ class PretrainConfig:
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
 
 
+def require(config: PretrainConfig, ok: bool, what: str) -> None:
+    if not ok:
+        raise PipelineError(f"invalid pre-training config {config}: need {what}")
+
+
 class Objective(Protocol):
     """One kind's self-supervised task over one corpus.
 

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from extractors.pretraining.corpus import Corpus, card_pixels
-from extractors.pretraining.loop import PretrainConfig
+from extractors.pretraining.loop import PretrainConfig, require
 from extractors.vision import TINY_VISION
 
 CARD_INPUT = (64, 192)  # (S, W): the tiny extractor's card size
@@ -49,6 +49,11 @@ class VitPretrainConfig(PretrainConfig):
     decoder_dim: int = 64
     decoder_depth: int = 1
     norm_pix_loss: bool = True
+
+    def check(self) -> None:
+        super().check()
+        require(self, 0 < self.mask_ratio < 1 and self.decoder_dim % 4 == 0 and self.decoder_depth >= 1,
+                 "mask_ratio in (0, 1), decoder_dim a multiple of 4 (heads), decoder_depth >= 1")
 
 
 def build_vit(seed: int) -> nn.Module:
