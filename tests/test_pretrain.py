@@ -236,6 +236,11 @@ def test_rerun_reuses_the_folder_and_other_runs_are_refused(folders, tiny_world,
     steps = []
     assert pretrain("bert", tiny_world, folder, config=fast("bert"), progress=False, on_step=lambda s, _: steps.append(s)) == folder
     assert steps == [] and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    # The digest names what a run reads: the fixture's label-free copy and the full world agree.
+    digest = pretrain_digest("bert", tiny_world, config=fast("bert"))
+    assert digest == pretrain_digest("bert", folder.parent / "bare", config=fast("bert"))
+    assert len(digest) == 12 and digest != pretrain_digest("bert", tiny_world, config=fast("bert"), seed=1)
+    assert digest != pretrain_digest("vit", tiny_world, config=fast("vit"))
     with pytest.raises(PipelineError, match="another run.*steps"):
         pretrain("bert", tiny_world, folder, config=fast("bert", steps=13), progress=False)
     with pytest.raises(PipelineError, match="another run.*seed"):
