@@ -1,8 +1,9 @@
 """A synthetic world shaped exactly like MIND + IM-MIND, with known ground truth.
 
 `python -m storage.synthetic --out DIR --scale tiny|small|mind-small --seed N` (or
-`generate_world(out, scale, seed, images, cover_rate)`) writes files that the MIND readers
-take as they take the real data, plus the hidden truth that produced them:
+`generate_world(out, scale, seed, images, cover_rate, cover_effect=..., visual_weight=...)`)
+writes files that the MIND readers take as they take the real data, plus the hidden truth
+that produced them:
 
     DIR/train/{news.tsv,behaviors.tsv}   DIR/dev/{news.tsv,behaviors.tsv,click_probs.txt}
     DIR/test/{news.tsv,behaviors.tsv,truth.txt}   DIR/images/<news_id>.jpg
@@ -26,26 +27,46 @@ The click model (also written into world.json)
 ----------------------------------------------
 For user u and candidate n in an impression:
 
-    logit = a * theta_u[topic_n]                      (topic_match, in [0, 1])
-          + b * tau_u[style_n] * has_cover_n          (visual_match; a user sees no style
-                                                       when the news has no cover)
+    logit = a * theta_u[topic_n]                           (topic_match, in [0, 1])
+          + w * (tau_u[style_n] - 1/S) * has_cover_n       (the centred visual match; a user
+                                                            sees no style without a cover)
+          + e * has_cover_n                                (cover presence alone)
           + c * popularity_n
           + bias + noise,   noise ~ N(0, noise_sd) per candidate row
     p = sigmoid(logit),  click ~ Bernoulli(p)
 
-with a = 8, b = 4, c = 0.4, noise_sd = 0.5, and `bias` solved numerically per world so that
-the expected click-through rate (after the forcing below) equals the scale's target (4% for
-mind-small, as MIND). An impression whose Bernoulli draws give no click gets exactly one,
-picked among its candidates with probability proportional to p: MIND only keeps
-impressions with a click. `dev/click_probs.txt` holds p itself (the noise draw included),
-so ranking by it is the ceiling no model can pass; the summary reports it ("oracle"), the
-same oracle without the visual term ("oracle_text_only": what a ranker that cannot see
-images could reach at best) and a random ranker. Measured dev AUC at every scale: oracle
-about 0.78-0.83, text-only oracle about 0.72-0.76, random 0.5.
+with a = 8, c = 0.4, noise_sd = 0.5, S = 5 styles, and `bias` solved numerically per world
+so that the expected click-through rate (after the forcing below) equals the scale's target
+(4% for mind-small, as MIND). Two knobs separate what a cover's *content* does from what its
+mere *presence* does:
+
+- `visual_weight` w (default 4, `--visual-weight`): the taste-dependent effect of the style.
+  The match is centred on 1/S, the mean of tau_u over the styles, which is exactly zero for
+  every user (tau_u sums to 1), and also its population mean over (user, covered news) pairs
+  (styles are uniform and independent of users). So the style term moves clicks between
+  covered news but, averaged over styles, adds nothing to "this news has a cover".
+- `cover_effect` e (default 0.8, `--cover-effect`): a logit bonus for having any cover.
+
+The defaults decompose the former term `4 * tau_u[style_n] * has_cover_n` exactly (w = 4,
+e = 4/S = 0.8), so a default world's files are the bytes they were before the split. A
+"null" world (w = 0, e = 0: images carry nothing) and a "presence only" world (w = 0,
+e > 0) are one flag away. The defaults are that decomposition, not values tuned to make
+images look useful or useless.
+
+An impression whose Bernoulli draws give no click gets exactly one, picked among its
+candidates with probability proportional to p: MIND only keeps impressions with a click.
+`dev/click_probs.txt` holds p itself (the noise draw included), so ranking by it is the
+ceiling no model can pass; the summary reports it ("oracle"), the same oracle without both
+image terms ("oracle_text_only": what a ranker that cannot see images could reach at best),
+the oracle without the style term ("oracle_presence": what knowing only whether a news has a
+cover could reach) and a random ranker. Measured dev AUC with the defaults at every scale:
+oracle about 0.78-0.83, text-only oracle about 0.72-0.76, random 0.5. In a null world the
+three oracles coincide.
 
 Histories. Before train starts, a warm user has clicked some older news, sampled in
-proportion to exp(a * topic_match + b * visual_match * has_cover + (c + 0.6) * popularity)
-(the click model in its rare-click limit times the exposure). 5% of users start with no
+proportion to exp(a * topic_match + w * (visual_match - 1/S) * has_cover + e * has_cover
++ (c + 0.6) * popularity) (the click model in its rare-click limit times the exposure), so a
+null world's histories ignore covers too. 5% of users start with no
 history and 8% with 1 to 4 clicks (cold start). A history is oldest first and grows: a
 train impression sees the clicks of the user's earlier train impressions; dev sees all
 of train; test sees train and dev. Within dev (and within test) a user's history is fixed,
@@ -73,7 +94,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -156,12 +177,23 @@ class WorldModel:
 
 @dataclass(frozen=True)
 class ClickModel:
-    """Coefficients of logit = topic*theta[t] + visual*tau[s]*has_cover + popularity*z + bias + noise."""
+    """Coefficients of logit = topic*theta[t] + visual_weight*(tau[s] - 1/S)*has_cover
+    + cover_effect*has_cover + popularity*z + bias + noise.
+
+    The defaults split the former `4 * tau[s] * has_cover` exactly: visual_weight 4 on the
+    centred match, cover_effect 4 * (1/S) = 0.8 for the mean match it no longer holds.
+    """
 
     topic: float = 8.0
-    visual: float = 4.0
+    visual_weight: float = 4.0  # taste-dependent: times the centred match tau[s] - 1/S
+    cover_effect: float = 0.8  # presence alone: any cover, whatever its style
     popularity: float = 0.4
     noise_sd: float = 0.5
+
+    @property
+    def visual_centre(self) -> float:
+        """The match's mean over styles (1/S for every user), so the style term averages to 0."""
+        return 1.0 / WORLD.n_styles
 
 
 WORLD = WorldModel()
@@ -494,8 +526,20 @@ def _solve_bias(base_logit: np.ndarray, offsets: np.ndarray, target_ctr: float, 
     return (lo + hi) / 2
 
 
+def _visual_logit(clicks: ClickModel, match: np.ndarray, cover: np.ndarray) -> np.ndarray:
+    """visual_weight * (match - 1/S) * cover + cover_effect * cover, for tau matches and 0/1 covers.
+
+    Computed as visual_weight * match * cover + (cover_effect - visual_weight / S) * cover:
+    the same value, and with the defaults the second coefficient is exactly 0.0 (4 * 0.2 is
+    0.8 in binary too), so default worlds keep their former bytes.
+    """
+    shift = clicks.cover_effect - clicks.visual_weight * clicks.visual_centre
+    return clicks.visual_weight * match * cover + shift * cover
+
+
 def _base_histories(
     rng: np.random.Generator,
+    clicks: ClickModel,
     lengths: np.ndarray,
     theta: np.ndarray,
     tau: np.ndarray,
@@ -507,7 +551,7 @@ def _base_histories(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Clicks before train: (user, news) pairs, news in `pool`, at most lengths[u] per user, distinct.
 
-    Weights follow exp(a*topic_match + b*visual_match*has_cover + (c + exposure)*z). Sampled in
+    Weights follow exp(a*topic_match + visual term (see _visual_logit) + (c + exposure)*z). Sampled in
     two steps so no (users x news) matrix is needed: a (topic, style, cover) cell per click
     from the user's (U, 160) cell weights, then a news inside the cell by its popularity.
     """
@@ -515,7 +559,7 @@ def _base_histories(
     n_topics, n_styles = theta.shape[1], tau.shape[1]
     n_cells = n_topics * n_styles * 2
     cell = (topic[pool] * n_styles + style[pool]) * 2 + cover[pool].astype(np.int64)  # (P,)
-    w = np.exp((CLICKS.popularity + WORLD.exposure_popularity) * pop[pool])  # (P,)
+    w = np.exp((clicks.popularity + WORLD.exposure_popularity) * pop[pool])  # (P,)
     order = np.argsort(cell, kind="stable")
     pool, cell, w = pool[order], cell[order], w[order]
     mass = np.bincount(cell, weights=w, minlength=n_cells)  # (C,)
@@ -524,7 +568,7 @@ def _base_histories(
     c_style = (np.arange(n_cells) // 2) % n_styles
     c_cover = np.arange(n_cells) % 2
     with np.errstate(divide="ignore"):
-        logw = CLICKS.topic * theta[:, c_topic] + CLICKS.visual * tau[:, c_style] * c_cover + np.log(mass)  # (U, C)
+        logw = clicks.topic * theta[:, c_topic] + _visual_logit(clicks, tau[:, c_style], c_cover) + np.log(mass)  # (U, C)
     prob = np.exp(logw - logw.max(axis=1, keepdims=True))
     cdf = np.cumsum(prob / prob.sum(axis=1, keepdims=True), axis=1)  # (U, C)
     flat = (cdf + np.arange(n_users)[:, None]).ravel()
@@ -579,7 +623,8 @@ class _World:
     offsets: np.ndarray  # (M+1,)
     items: np.ndarray  # (T,) news index
     p: np.ndarray  # (T,) true click probability
-    p_text: np.ndarray  # (T,) the same without the visual term
+    p_text: np.ndarray  # (T,) the same without the two image terms
+    p_presence: np.ndarray  # (T,) the same without the style term (cover presence kept)
     labels: np.ndarray  # (T,) bool
     forced: int  # impressions whose only click was forced
     bias: float
@@ -588,7 +633,7 @@ class _World:
     hist_len: np.ndarray  # (M,) how much of the user's sequence each impression sees
 
 
-def _build(scale: Scale, seed: int, cover_rate: float) -> _World:
+def _build(scale: Scale, seed: int, cover_rate: float, clicks: ClickModel = ClickModel()) -> _World:
     names = ("news", "users", "impressions", "candidates", "clicks", "histories", "ids", "text")
     # Independent streams per concern: e.g. --cover-rate or --no-images change no other draw.
     children = np.random.SeedSequence([GENERATOR_VERSION, seed]).spawn(len(names))
@@ -645,9 +690,9 @@ def _build(scale: Scale, seed: int, cover_rate: float) -> _World:
     # The click model.
     r = rng["clicks"]
     topic_match = theta[row_user, topic[items]]  # (T,)
-    visual_match = tau[row_user, style[items]] * cover[items]  # (T,)
-    text_logit = CLICKS.topic * topic_match + CLICKS.popularity * pop[items] + r.normal(0.0, CLICKS.noise_sd, t)
-    logit = text_logit + CLICKS.visual * visual_match
+    visual_match = tau[row_user, style[items]]  # (T,)
+    text_logit = clicks.topic * topic_match + clicks.popularity * pop[items] + r.normal(0.0, clicks.noise_sd, t)
+    logit = text_logit + _visual_logit(clicks, visual_match, cover[items])
     bias = _solve_bias(logit, offsets, scale.target_ctr)
     p = _sigmoid(logit + bias)
     labels = r.random(t) < p
@@ -655,7 +700,7 @@ def _build(scale: Scale, seed: int, cover_rate: float) -> _World:
 
     # Histories: pre-train clicks, then impression clicks, as one ordered sequence per user.
     older = np.flatnonzero(pub < train_start)
-    hu, hn = _base_histories(rng["histories"], base_len, theta, tau, older, topic, style, cover, pop)
+    hu, hn = _base_histories(rng["histories"], clicks, base_len, theta, tau, older, topic, style, cover, pop)
     clicked = np.flatnonzero(labels)
     cu, cn = row_user[clicked], items[clicked]
     c_split = split[np.repeat(np.arange(m), np.diff(offsets))[clicked]]
@@ -690,7 +735,8 @@ def _build(scale: Scale, seed: int, cover_rate: float) -> _World:
         title_entities=t_ents, abstract_entities=a_ents, topic=topic, style=style, cover=cover, pop=pop, pub=pub,
         user_ids=[f"U{x}" for x in user_num.tolist()], theta=theta, tau=tau,
         base_len=np.bincount(hu, minlength=n_users), split=split, imp_user=imp_user, imp_time=imp_time,
-        offsets=offsets, items=items, p=p, p_text=_sigmoid(text_logit + bias), labels=labels, forced=forced,
+        offsets=offsets, items=items, p=p, p_text=_sigmoid(text_logit + bias),
+        p_presence=_sigmoid(text_logit + clicks.cover_effect * cover[items] + bias), labels=labels, forced=forced,
         bias=bias, seq_start=seq_start, seq_news=ev_news, hist_len=hist_len,
     )
 
@@ -741,7 +787,7 @@ def _write_images(folder: Path, seed: int, rows: list[tuple[int, str, str, str, 
 
 
 def _dev_metrics(w: _World, seed: int) -> dict | None:
-    """Oracle, text-only oracle and random ranker on dev; None while rankers.metrics is missing."""
+    """Oracle, text-only and presence-only oracles, random ranker on dev; None without rankers.metrics."""
     try:
         from rankers.metrics import evaluate
     except ImportError:
@@ -753,7 +799,8 @@ def _dev_metrics(w: _World, seed: int) -> dict | None:
     # Its own stream: the random ranker must not shift any draw that shapes the files.
     random_scores = np.random.default_rng([GENERATOR_VERSION, seed, 99]).random(b - a)
     out = {}
-    for name, scores in (("oracle", w.p[a:b]), ("oracle_text_only", w.p_text[a:b]), ("random", random_scores)):
+    oracles = (("oracle", w.p), ("oracle_text_only", w.p_text), ("oracle_presence", w.p_presence))
+    for name, scores in (*((k, v[a:b]) for k, v in oracles), ("random", random_scores)):
         res = evaluate(offsets, labels, scores)
         out[name] = {k: round(float(res[k]), 6) for k in ("auc", "mrr", "ndcg@5", "ndcg@10")}
         out[name]["impressions"] = int(res["impressions"])
@@ -879,13 +926,15 @@ DESCRIPTION = (
     "Synthetic MIND + IM-MIND world. Topics set categories, subcategories, title words and "
     "entities; every news has a visual style (a shape on its cover) that no text reveals; "
     "44% of news have a cover by default. Users have Dirichlet topic interests and a Dirichlet "
-    "visual taste. Clicks follow the click model below; an impression without a sampled click "
+    "visual taste. Clicks follow the click model below, where a cover acts through two separate "
+    "terms: cover_effect (presence alone) and visual_weight (the user's taste for the cover's "
+    "style, centred so that it averages to zero over styles); an impression without a sampled click "
     "gets one, picked in proportion to p. dev/click_probs.txt holds the true p of every dev "
     "candidate; hidden/ holds the hidden attributes of news and users."
 )
 
 
-def _params(scale: Scale, seed: int, images: bool, cover_rate: float) -> dict:
+def _params(scale: Scale, seed: int, images: bool, cover_rate: float, clicks: ClickModel) -> dict:
     """What a world depends on; a world on disk with equal params is the same bytes."""
     return {
         "generator_version": GENERATOR_VERSION,
@@ -893,28 +942,51 @@ def _params(scale: Scale, seed: int, images: bool, cover_rate: float) -> dict:
         "seed": seed,
         "images": images,
         "cover_rate": cover_rate,
-        "config": {"scale": asdict(scale), "world": asdict(WORLD), "click_model": asdict(CLICKS)},
+        "cover_effect": clicks.cover_effect,
+        "visual_weight": clicks.visual_weight,
+        "config": {"scale": asdict(scale), "world": asdict(WORLD), "click_model": asdict(clicks)},
     }
 
 
-def _click_model_json(bias: float) -> dict:
+def _click_model_json(clicks: ClickModel, bias: float) -> dict:
     return {
-        "formula": "p = sigmoid(topic * topic_match + visual * visual_match * has_cover + popularity * popularity_z + bias + noise)",
-        "topic": CLICKS.topic,
-        "visual": CLICKS.visual,
-        "popularity": CLICKS.popularity,
-        "noise_sd": CLICKS.noise_sd,
+        "formula": (
+            "p = sigmoid(topic * topic_match + visual_weight * (visual_match - visual_centre) * has_cover"
+            " + cover_effect * has_cover + popularity * popularity_z + bias + noise)"
+        ),
+        "topic": clicks.topic,
+        "visual_weight": clicks.visual_weight,
+        "visual_centre": clicks.visual_centre,
+        "cover_effect": clicks.cover_effect,
+        "popularity": clicks.popularity,
+        "noise_sd": clicks.noise_sd,
         "bias": round(bias, 6),
         "terms": {
             "topic_match": "the user's interest share theta_u[topic_n] in the news' topic (theta_u ~ Dirichlet(0.3) over 16 topics)",
             "visual_match": "the user's taste share tau_u[style_n] for the cover's style (tau_u ~ Dirichlet(0.5) over 5 styles)",
+            "visual_centre": (
+                "1 / number of styles: the mean of tau_u over the styles for every user (tau_u sums to 1), and so the "
+                "population mean of visual_match over (user, covered news) pairs (styles are uniform and independent "
+                "of users); the style term averages to zero and only moves clicks between covered news"
+            ),
+            "visual_weight": "the taste-dependent effect of the cover's content (0: the style does not matter)",
+            "cover_effect": "a logit bonus for having any cover, whatever its style (0: presence alone does not matter)",
+            "defaults": "visual_weight 4 and cover_effect 4 * visual_centre = 0.8 split the former term 4 * visual_match * has_cover exactly",
             "has_cover": "1 when the news has a cover image, else 0: without a cover no style is seen",
             "popularity_z": "the news' popularity, N(0, 1); candidates are also shown in proportion to exp(0.6 z)",
             "noise": "N(0, noise_sd) per candidate row, included in dev/click_probs.txt",
             "bias": "solved so that the expected CTR, forced clicks included, equals the scale's target_ctr",
         },
         "forced_click": "an impression whose Bernoulli draws give no click gets one, chosen among its candidates in proportion to p",
-        "histories": "pre-train clicks ~ exp(topic*topic_match + visual*visual_match*has_cover + (popularity + 0.6)*z); then train clicks as they happen; dev sees all train clicks, test sees train and dev",
+        "oracles": (
+            "summary.dev_metrics: oracle ranks by p; oracle_text_only by p without the two image terms; "
+            "oracle_presence by p without the style term (cover_effect kept)"
+        ),
+        "histories": (
+            "pre-train clicks ~ exp(topic*topic_match + visual_weight*(visual_match - visual_centre)*has_cover"
+            " + cover_effect*has_cover + (popularity + 0.6)*z); then train clicks as they happen; dev sees all train"
+            " clicks, test sees train and dev"
+        ),
     }
 
 
@@ -951,10 +1023,16 @@ def generate_world(
     images: bool = True,
     cover_rate: float | None = None,
     workers: int | None = None,
+    *,
+    cover_effect: float | None = None,
+    visual_weight: float | None = None,
 ) -> dict:
     """Generate (or find already generated) the world `scale`/`seed` in `out`; return its summary.
 
-    `cover_rate` defaults to 0.44 (IM-MIND's share of news with an image). `workers` processes
+    `cover_rate` defaults to 0.44 (IM-MIND's share of news with an image). `cover_effect`
+    (default 0.8: the logit bonus of having any cover) and `visual_weight` (default 4: the
+    weight of the user's taste for the cover's style, centred) set the two image terms of
+    the click model; 0 and 0 give a world where images carry nothing. `workers` processes
     render the cards (default: the CPU count, capped at 8; small jobs stay in-process).
     The summary holds per-split counts, cover share, CTR and means, the dev metrics of the
     oracle, text-only oracle and a random ranker, `out`, and `skipped` (True when `out`
@@ -967,14 +1045,24 @@ def generate_world(
     rate = WORLD.cover_rate if cover_rate is None else float(cover_rate)
     if not 0.0 <= rate <= 1.0:
         raise PipelineError(f"cover rate must lie in [0, 1], got {cover_rate!r}")
+    knobs = {}
+    for name, value in (("cover_effect", cover_effect), ("visual_weight", visual_weight)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not math.isfinite(value):
+            raise PipelineError(f"{name} must be a finite number, got {value!r}")
+        if not -20.0 <= float(value) <= 20.0:
+            raise PipelineError(f"{name} must lie in [-20, 20] (a logit weight), got {value!r}")
+        knobs[name] = float(value)
+    clicks = replace(CLICKS, **knobs)
     cfg = SCALES[scale]
     out = Path(out)
-    params = _params(cfg, int(seed), bool(images), rate)
+    params = _params(cfg, int(seed), bool(images), rate, clicks)
     stored = _check_out(out, params)
     if stored is not None:
         return {**stored["summary"], "out": str(out), "skipped": True}
 
-    world = _build(cfg, int(seed), rate)
+    world = _build(cfg, int(seed), rate, clicks)
     out.mkdir(parents=True, exist_ok=True)
     n_workers = max(1, workers if workers is not None else min(os.cpu_count() or 1, 8))
     summary = {"scale": scale, "seed": int(seed), **_write_world(world, out, int(seed), bool(images), n_workers)}
@@ -984,7 +1072,7 @@ def generate_world(
         "format": "mmnews synthetic MIND + IM-MIND world",
         "params": params,
         "description": DESCRIPTION,
-        "click_model": _click_model_json(world.bias),
+        "click_model": _click_model_json(clicks, world.bias),
         "topics": [{"id": k, "name": t[0], "category": t[1], "subcategories": list(t[2])} for k, t in enumerate(TOPICS)],
         "visual_styles": list(STYLE_NAMES[: WORLD.n_styles]),
         "start": {name: _format_time(dev0 + d * DAY) for name, d in zip(SPLITS, (-cfg.train_days, 0, 1))},
@@ -1034,11 +1122,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             "a cover), OUT/dev/click_probs.txt (the true click probability of every dev candidate),\n"
             "OUT/hidden/{news,users}.tsv (topics, visual styles, interests, tastes) and, last,\n"
             "OUT/world.json (parameters, click model, counts, dev metrics).\n\n"
-            f"Click model: p = sigmoid({CLICKS.topic:g} * topic_match + {CLICKS.visual:g} * visual_match * has_cover\n"
+            f"Click model: p = sigmoid({CLICKS.topic:g} * topic_match\n"
+            f"             + visual_weight * (visual_match - {CLICKS.visual_centre:g}) * has_cover\n"
+            f"             + cover_effect * has_cover\n"
             f"             + {CLICKS.popularity:g} * popularity + bias + N(0, {CLICKS.noise_sd:g})).\n"
+            "visual_match is the user's taste share for the cover's style; centred on its mean over\n"
+            "styles (1/5, the same for every user), the style term averages to zero, so presence\n"
+            "alone acts only through cover_effect. The defaults (visual_weight 4, cover_effect 0.8)\n"
+            "split the former 4 * visual_match * has_cover exactly; 0 and 0 give a null world where\n"
+            "images carry nothing, cover_effect > 0 with visual_weight 0 a presence-only world.\n"
             "The visual style (a shape on the cover) appears in no text, so a ranker that sees the\n"
             "images can beat one that sees text only; the summary shows the oracle, the text-only\n"
-            "oracle and a random ranker on dev.\n\n"
+            "oracle, the presence-only oracle (no style) and a random ranker on dev.\n\n"
             "The same --scale/--seed give byte-identical files. A folder that already holds the\n"
             "same world is left alone (its summary is printed); any other non-empty folder is refused."
         ),
@@ -1055,11 +1150,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cover-rate", type=float, default=None, metavar="F",
         help=f"share of news with a cover image (default {WORLD.cover_rate}, as IM-MIND)",
     )
+    parser.add_argument(
+        "--cover-effect", type=float, default=None, metavar="E",
+        help=f"logit bonus for having any cover, whatever its style (default {CLICKS.cover_effect:g}; 0: presence alone does nothing)",
+    )
+    parser.add_argument(
+        "--visual-weight", type=float, default=None, metavar="W",
+        help=f"weight of the user's centred taste for the cover's style (default {CLICKS.visual_weight:g}; 0: the style does nothing)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="processes rendering cards (default: CPU count, at most 8)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     summary = generate_world(
-        args.out, args.scale, args.seed, images=not args.no_images, cover_rate=args.cover_rate, workers=args.workers
+        args.out, args.scale, args.seed, images=not args.no_images, cover_rate=args.cover_rate, workers=args.workers,
+        cover_effect=args.cover_effect, visual_weight=args.visual_weight,
     )
     print(format_summary(summary))
     if summary["skipped"]:

@@ -118,7 +118,10 @@ def test_layout_and_columns(world):
         assert all(re.fullmatch(r"U\d+", b["user"]) for b in beh)
     assert (world / "dev" / "click_probs.txt").is_file() and (world / "test" / "truth.txt").is_file()
     doc = json.loads((world / "world.json").read_text())
-    assert doc["params"]["scale"] == "tiny" and doc["click_model"]["visual"] == CLICKS.visual
+    assert doc["params"]["scale"] == "tiny"
+    assert doc["click_model"]["visual_weight"] == doc["params"]["visual_weight"] == CLICKS.visual_weight == 4.0
+    assert doc["click_model"]["cover_effect"] == doc["params"]["cover_effect"] == CLICKS.cover_effect == 0.8
+    assert doc["click_model"]["visual_centre"] == pytest.approx(1 / len(doc["visual_styles"]))
     assert len(_rows(world / "train" / "news.tsv")[0]) == 8
 
 
@@ -210,8 +213,10 @@ def test_click_probs_align_with_candidates_and_the_hidden_model(world):
         for p, n in zip(ps, b["cands"]):
             h = news[n]
             got.append(float(p))
-            expect.append(CLICKS.topic * theta[int(h["topic"])] + CLICKS.visual * tau[int(h["visual_style"])] * int(h["has_cover"])
-                          + CLICKS.popularity * float(h["popularity"]) + bias)
+            cover = int(h["has_cover"])
+            expect.append(CLICKS.topic * theta[int(h["topic"])] + CLICKS.popularity * float(h["popularity"]) + bias
+                          + CLICKS.visual_weight * (tau[int(h["visual_style"])] - CLICKS.visual_centre) * cover
+                          + CLICKS.cover_effect * cover)
     got = np.clip(np.array(got), 1e-6, 1 - 1e-6)
     # The files' p adds N(0, 0.5) noise to the hidden logit; alignment makes them agree closely.
     assert np.corrcoef(np.log(got / (1 - got)), expect)[0, 1] > 0.8
@@ -235,6 +240,96 @@ def test_planted_visual_signal(world):
         assert 0.72 < metrics["oracle"]["auc"] < 0.92
         assert metrics["oracle"]["auc"] > metrics["oracle_text_only"]["auc"] + 0.03
         assert abs(metrics["random"]["auc"] - 0.5) < 0.06
+
+
+def _image_terms(world: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares fit of the dev logit's image part: (intercept, cover, centred match) and its SEs.
+
+    The residual logit(p) - topic/popularity terms - bias of every dev candidate is regressed
+    on 1, has_cover and (tau[style] - 1/S) * has_cover: the click model says the coefficients
+    are (0, cover_effect, visual_weight) up to the N(0, noise_sd) noise.
+    """
+    news, users = _hidden(world, "news.tsv"), _hidden(world, "users.tsv")
+    doc = json.loads((world / "world.json").read_text())
+    cm = doc["click_model"]
+    rows, resid = [], []
+    for (_, ps), b in zip(_bracketed(world / "dev" / "click_probs.txt"), _behaviors(world, "dev")):
+        theta = [float(x) for x in users[b["user"]]["interests"].split(",")]
+        tau = [float(x) for x in users[b["user"]]["taste"].split(",")]
+        for p, n in zip(ps, b["cands"]):
+            p = float(p)
+            if not 1e-4 < p < 1 - 1e-4:  # six decimals: too coarse a logit there
+                continue
+            h = news[n]
+            cover = int(h["has_cover"])
+            text = cm["topic"] * theta[int(h["topic"])] + cm["popularity"] * float(h["popularity"]) + cm["bias"]
+            resid.append(np.log(p / (1 - p)) - text)
+            rows.append((1.0, cover, (tau[int(h["visual_style"])] - cm["visual_centre"]) * cover))
+    x, y = np.array(rows), np.array(resid)
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    sigma2 = np.sum((y - x @ coef) ** 2) / (len(y) - 3)
+    se = np.sqrt(np.diag(np.linalg.inv(x.T @ x)) * sigma2)
+    return coef, se
+
+
+def _cover_click_gap(world: Path) -> float:
+    """Train + dev click rate of covered candidates minus that of uncovered ones."""
+    news = _hidden(world, "news.tsv")
+    clicks = {0: [], 1: []}
+    for split in ("train", "dev"):
+        for b in _behaviors(world, split):
+            for n, y in zip(b["cands"], b["labels"]):
+                clicks[int(news[n]["has_cover"])].append(y)
+    return float(np.mean(clicks[1]) - np.mean(clicks[0]))
+
+
+@pytest.mark.parametrize(
+    ("knobs", "expect"),
+    [({}, (0.8, 4.0)), ({"cover_effect": 0.0, "visual_weight": 0.0}, (0.0, 0.0)), ({"cover_effect": 1.5, "visual_weight": 0.0}, (1.5, 0.0))],
+    ids=["default", "null", "presence-only"],
+)
+def test_cover_presence_and_style_are_separate_effects(tmp_path, knobs, expect):
+    world = tmp_path / "w"
+    summary = generate_world(world, "tiny", 4, images=False, **knobs)
+    doc = json.loads((world / "world.json").read_text())
+    assert (doc["click_model"]["cover_effect"], doc["click_model"]["visual_weight"]) == expect
+    coef, se = _image_terms(world)
+    # Intercept 0: the style term is centred, so nothing but cover_effect rides on presence.
+    assert abs(coef[0]) < 0.1
+    for got, err, want in zip(coef[1:], se[1:], expect):
+        assert abs(got - want) < max(5 * err, 0.1), (coef, se)
+    gap = _cover_click_gap(world)
+    metrics = summary["dev_metrics"]
+    if expect == (0.0, 0.0):
+        # Images carry nothing: p itself ignores covers, so the three oracles are one ranking.
+        assert metrics["oracle"] == metrics["oracle_text_only"] == metrics["oracle_presence"]
+        assert abs(gap) < 0.03
+    else:
+        assert gap > 0.04  # a cover's bonus shows in raw click rates
+        assert metrics["oracle_presence"]["auc"] > metrics["oracle_text_only"]["auc"]
+    if expect[1] == 0.0:
+        assert metrics["oracle"] == metrics["oracle_presence"]  # the style adds nothing
+    else:
+        assert metrics["oracle"]["auc"] > metrics["oracle_presence"]["auc"] + 0.02
+
+
+def test_click_knobs_are_part_of_the_world_identity(world, tmp_path, capsys):
+    with pytest.raises(PipelineError, match="other parameters.*visual_weight=4.0 \\(asked 0.0\\)"):
+        generate_world(world, "tiny", 0, visual_weight=0.0)
+    with pytest.raises(PipelineError, match="other parameters.*cover_effect"):
+        generate_world(world, "tiny", 0, cover_effect=0.5)
+    assert generate_world(world, "tiny", 0, cover_effect=0.8, visual_weight=4)["skipped"] is True
+    for bad in (float("nan"), 100.0, "1", True):
+        with pytest.raises(PipelineError, match="cover_effect must"):
+            generate_world(tmp_path / "x", "tiny", 0, cover_effect=bad)
+    assert not (tmp_path / "x").exists()
+    argv = ["--out", str(tmp_path / "n"), "--scale", "tiny", "--seed", "1", "--no-images", "--cover-effect", "0", "--visual-weight", "0"]
+    assert main(argv) == 0
+    params = json.loads((tmp_path / "n" / "world.json").read_text())["params"]
+    assert (params["cover_effect"], params["visual_weight"]) == (0.0, 0.0)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--cover-effect" in capsys.readouterr().out
 
 
 def test_images_exactly_for_covered_news(world):
