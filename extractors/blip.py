@@ -95,9 +95,11 @@ def build_tiny_blip(vocab_size: int, pad_token_id: int, max_length: int, seed: i
             intermediate_size=128, encoder_hidden_size=width, max_position_embeddings=max(max_length, 64),
             pad_token_id=pad_token_id, bos_token_id=None, sep_token_id=None,
         ),
+        # transformers' BLIP vision default initializer_range is 1e-10: the random tower would
+        # give every card the same embedding (pairwise cosine 1.0). 0.02 is BERT's and ViT's.
         vision_config=dict(
             hidden_size=width, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-            image_size=TINY_BLIP_IMAGE[0], patch_size=16,
+            image_size=TINY_BLIP_IMAGE[0], patch_size=16, initializer_range=0.02,
         ),
         projection_dim=32,
         image_text_hidden_size=32,

@@ -173,7 +173,7 @@ def test_saved_models_give_the_in_memory_vectors(trained, tiny_world):
     memory = BlipExtractor(ExtractorConfig(name="blip", modality="multimodal", image_size=(64, 64)), blip.model, blip.tokenizer)
     got, want = loaded.encode(titles[:6], pixels), memory.encode(titles[:6], pixels)
     torch.testing.assert_close(got.vectors, want.vectors, rtol=0, atol=1e-5)
-    torch.testing.assert_close(got.extras["image_vectors"], want.extras["image_vectors"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.extras["image_embeds"], want.extras["image_embeds"], rtol=0, atol=1e-5)
 
 
 def test_blip_text_encoder_starts_as_the_bert(folders, tiny_world):
@@ -301,7 +301,7 @@ def test_blip_objective_learns_a_batch(trained):
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            for _ in range(40):
+            for _ in range(150):  # until it has learned the batch: how soon depends on the start
                 loss = objective.loss(torch.Generator().manual_seed(0))  # the same batch and negatives
                 opt.zero_grad()
                 loss.backward()
@@ -311,6 +311,8 @@ def test_blip_objective_learns_a_batch(trained):
                     assert not silent, silent
                 opt.step()
                 losses.append(float(loss.detach()))
+                if len(losses) >= 10 and np.mean(losses[-5:]) < 0.92 * np.mean(losses[:5]):
+                    break
     finally:
         objective.config = config
         model.load_state_dict(state)
