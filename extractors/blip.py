@@ -45,6 +45,8 @@ class BlipExtractor(nn.Module):
         self.token_dim = self.dim
         self.num_tokens = int(config.max_length)
         self.projection_dim = int(model.config.image_text_hidden_size)
+        # What `forward` returns in Encoded.extras, and the store keeps beside the vectors (name -> E).
+        self.extras = {"image_embeds": self.projection_dim, "text_embeds": self.projection_dim}
         self.transform = ImageTransform(
             size=config.image_size, mean=config.mean, std=config.std, crop=config.crop, interpolation=config.interpolation
         )

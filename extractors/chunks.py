@@ -15,14 +15,17 @@ write is raised in the main thread at the next hand-over or at `close()`.
 
 Measured without a model (benchmarks/extract.py --host-path, a 2-core VM): the float32 chunk
 buffers and the host float16 cast of the old path cost more than the disk write itself.
-Letters: C chunk rows, B batch, L tokens, D width, Dt token width.
+Extra vectors the store declares (StoreMeta.extras, e.g. BLIP's image_embeds and text_embeds) travel
+the same way, each from `encoded.extras[name]` into its own buffer; extras the store does not
+declare are not kept, as token vectors are not when it keeps none.
+Letters: C chunk rows, B batch, L tokens, D width, Dt token width, E extra width.
 """
 
 from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,29 +48,47 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class _Chunk:
-    """Tensors of one chunk: vectors (C, D), tokens (C, L, Dt) and mask (C, L) or None."""
+    """Tensors of one chunk: vectors (C, D), tokens (C, L, Dt) and mask (C, L) or None, and
+    extras {name: (C, E)} as the store declares them."""
 
     vectors: torch.Tensor
     tokens: torch.Tensor | None
     mask: torch.Tensor | None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, writer: FeatureWriter, rows: int, device: torch.device, pin: bool = False) -> _Chunk:
         meta = writer.meta
         dtype = TORCH_DTYPES[meta.dtype]
         vectors = torch.empty(rows, meta.dim, dtype=dtype, device=device, pin_memory=pin)
+        extras = {name: torch.empty(rows, width, dtype=dtype, device=device, pin_memory=pin)
+                  for name, width in meta.extras.items()}
         if not meta.has_tokens:
-            return cls(vectors, None, None)
+            return cls(vectors, None, None, extras)
         length = int(meta.token_len or 0)
         tokens = torch.empty(rows, length, meta.tokens_width, dtype=dtype, device=device, pin_memory=pin)
         mask = torch.empty(rows, length, dtype=torch.bool, device=device, pin_memory=pin)
-        return cls(vectors, tokens, mask)
+        return cls(vectors, tokens, mask, extras)
 
     def copy_from(self, other: _Chunk, rows: int, non_blocking: bool) -> None:
         for name in ("vectors", "tokens", "mask"):
             dst = getattr(self, name)
             if dst is not None:
                 dst[:rows].copy_(getattr(other, name)[:rows], non_blocking=non_blocking)
+        for name, dst in self.extras.items():
+            dst[:rows].copy_(other.extras[name][:rows], non_blocking=non_blocking)
+
+
+def _extra(encoded, name: str, dst: torch.Tensor) -> torch.Tensor:
+    """encoded.extras[name] (B, E), checked against the chunk buffer (C, E) it goes into: a
+    (B, 1) tensor would otherwise broadcast into it silently."""
+    src = encoded.extras.get(name)
+    if src is None:
+        raise RuntimeError(f"the store keeps extra vectors {name!r} but the extractor returned "
+                           f"{', '.join(sorted(encoded.extras)) or 'none'}")
+    if src.ndim != 2 or src.shape[1] != dst.shape[1]:
+        raise RuntimeError(f"extra vectors {name!r} have shape {tuple(src.shape)}; the store keeps (B, {dst.shape[1]})")
+    return src
 
 
 class ChunkWriter:
@@ -108,8 +129,9 @@ class ChunkWriter:
         self.filled = 0
 
     def add(self, rows: np.ndarray, encoded, present: np.ndarray) -> None:
-        """Rows (B,) of the current chunk: encoded.vectors (B, D), and when the store keeps
-        tokens encoded.tokens (B, l, Dt) with encoded.mask (B, l), on the model's device."""
+        """Rows (B,) of the current chunk: encoded.vectors (B, D), when the store keeps tokens
+        encoded.tokens (B, l, Dt) with encoded.mask (B, l), and encoded.extras[name] (B, E) for
+        each extra the store declares, on the model's device."""
         at = np.asarray(rows) - self.start  # (B,) positions inside the chunk
         if len(at) == 0:
             return
@@ -136,6 +158,8 @@ class ChunkWriter:
             target.tokens[a:b, keep:].zero_()  # the buffers are reused: clear what a longer batch left
             target.mask[a:b, :keep].copy_(encoded.mask[:, :keep])
             target.mask[a:b, keep:] = False
+        for name, dst in target.extras.items():
+            dst[a:b].copy_(_extra(encoded, name, dst))
 
     def _put_index(self, target: _Chunk, index: torch.Tensor, encoded) -> None:
         dtype = target.vectors.dtype
@@ -146,6 +170,8 @@ class ChunkWriter:
             target.tokens[:, keep:].index_fill_(0, index, 0)
             target.mask[:, :keep].index_copy_(0, index, encoded.mask[:, :keep])
             target.mask[:, keep:].index_fill_(0, index, False)
+        for name, dst in target.extras.items():
+            dst.index_copy_(0, index, _extra(encoded, name, dst).to(dtype))
 
     # -- writing
 
@@ -175,7 +201,8 @@ class ChunkWriter:
         tokens = mask = None
         if host.tokens is not None:
             tokens, mask = host.tokens[:rows].numpy(), host.mask[:rows].numpy()
-        self.writer.write(host.vectors[:rows].numpy(), present[:rows], tokens=tokens, mask=mask)
+        extras = {name: buffer[:rows].numpy() for name, buffer in host.extras.items()}  # name -> (C, E)
+        self.writer.write(host.vectors[:rows].numpy(), present[:rows], tokens=tokens, mask=mask, extras=extras)
 
     def _wait(self) -> None:
         pending, self._pending = self._pending, None

@@ -131,7 +131,9 @@ def store_meta(extractor, catalogue: Catalogue, tokens: bool, dtype: str, mode: 
                extra_preprocess: dict | None = None) -> StoreMeta:
     """What the store of `extractor` over `catalogue` records. `extra_preprocess` joins the
     extractor config in `preprocess` (e.g. a fine-tuning record: stores made from other weights
-    then differ); it may not replace the config's own keys."""
+    then differ); it may not replace the config's own keys. The extractor's `extras`
+    ({name: width}; BLIP's image_embeds and text_embeds; none when it has no such attribute)
+    become the store's extra datasets, filled from each batch's `Encoded.extras`."""
     preprocess = extractor.config.to_dict()
     clash = sorted(set(extra_preprocess or {}) & set(preprocess))
     if clash:
@@ -148,6 +150,7 @@ def store_meta(extractor, catalogue: Catalogue, tokens: bool, dtype: str, mode: 
         dtype=dtype,
         token_len=token_len(extractor) if tokens else None,
         token_dim=extractor.token_dim if tokens and extractor.token_dim != extractor.dim else None,
+        extras=dict(getattr(extractor, "extras", None) or {}),
     )
 
 

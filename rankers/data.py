@@ -4,12 +4,13 @@ A split's behaviors index its own news.tsv; rankers need one index shared by eve
 and every feature store, which is the dataset's catalogue (storage.catalogue: all news,
 sorted by id). `Impressions` is a split's behaviors remapped to catalogue rows, and
 `NewsFeatures` one store's arrays checked against the same catalogue.
-Letters: M impressions, T candidate rows, N news, H history length, L tokens, D width.
+Letters: M impressions, T candidate rows, N news, H history length, L tokens, D width,
+E extra width.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -159,22 +160,26 @@ class NewsFeatures:
     present: np.ndarray  # (N,) bool
     tokens: np.ndarray | None = None  # (N, L, Dt) float16 | float32, lazy (np.memmap) from a store
     mask: np.ndarray | None = None  # (N, L) bool
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N, E) float32, when asked
 
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
 
-def load_features(path: str | Path, catalogue: Catalogue, name: str | None = None, tokens: bool = True) -> NewsFeatures:
+def load_features(path: str | Path, catalogue: Catalogue, name: str | None = None, tokens: bool = True,
+                  extras: bool = False) -> NewsFeatures:
     """Load a complete store made from this catalogue (checked by fingerprint and ids).
 
     tokens=False reads only the pooled vectors and `present`: no token byte is read, so a
     pooled ranker needs no more memory over a store with tokens than over one without.
     tokens=True maps the token vectors lazily (see NewsFeatures), after one streaming pass
-    that verifies their checksums. Every byte used is checked against the store's checksums.
+    that verifies their checksums. extras=True also reads the store's extra vectors (BLIP's
+    image_embeds and text_embeds) into `extras`; by default none is read. Every byte used
+    is checked against the store's checksums.
     """
     with FeatureStore.open(path, expected_fingerprint=catalogue.fingerprint()) as store:
-        arrays = store.load(tokens="lazy" if tokens else False)
+        arrays = store.load(tokens="lazy" if tokens else False, extras=extras)
         modality = store.meta.preprocess.get("modality", "text")
         extractor = store.meta.extractor
     if not np.array_equal(arrays.ids, catalogue.ids):
@@ -186,4 +191,5 @@ def load_features(path: str | Path, catalogue: Catalogue, name: str | None = Non
         present=arrays.present.astype(bool),
         tokens=arrays.tokens,
         mask=arrays.mask,
+        extras={key: value.astype(np.float32) for key, value in arrays.extras.items()},
     )

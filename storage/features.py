@@ -11,12 +11,17 @@ L tokens, Dt token width, B checksum blocks of a dataset.
     present   (N,)        bool; False where the input was missing (e.g. no image)
     tokens    (N, L, Dt)  optional token vectors, same dtype as vectors
     mask      (N, L)      bool, True on real tokens; exists exactly when tokens does
+    extras/<name> (N, E)  optional further vectors per news, same dtype as vectors, one
+                          dataset per name declared in StoreMeta.extras (BLIP's unimodal
+                          `image_embeds` and `text_embeds` beside its image-grounded vectors)
     checksums/<name> (B, 32)  uint8 SHA-256 of each block of rows of dataset <name>
-                          (vectors, present, and tokens, mask when present); see Checksums
+                          (vectors, present, and tokens, mask, extras/<name> when present);
+                          see Checksums
 
 Root attributes: `format` ("mmnews-features"), `format_version`, the `StoreMeta` fields
 (`extractor`, `checkpoint`, `revision`, `mode`, `preprocess` as JSON, `fingerprint`, `dim`,
-`dtype`, `token_len` and `token_dim`, 0 when there are no tokens), `rows`, `created` (ISO
+`dtype`, `token_len` and `token_dim`, 0 when there are no tokens, and `extras` as JSON
+{name: width}, only when there are extras), `rows`, `created` (ISO
 UTC), `versions` (JSON: python, numpy, h5py, hdf5, and torch/transformers/timm when
 installed), `write_id`, the integrity pair `complete` / `committed_rows`, and the checksum
 attributes `checksum` ("sha256"), `block_bytes`, `ids_sha256` and `attrs_sha256`.
@@ -87,10 +92,26 @@ Stores written before checksums (format version 1) are refused with "delete it a
 extraction": accepting them with a warning would let through exactly the silent damage this
 guards against, and a rerun of extraction rewrites them.
 
+Extras
+------
+Extra vectors came after format 2 and stay inside it, with no version bump: a store that
+declares none is laid out and attributed exactly as before (no `extras` attribute, no
+`extras` group), so every format-2 store opens as one without extras; a store that declares
+some adds one attribute (covered by `attrs_sha256`) and datasets that a reader from before
+extras never looks at, so nothing refuses it either. A bump would have made every older
+reader refuse every new store, extras or not, for data it does not read. Inside this version
+extras are datasets like `vectors`: preallocated, contiguous, pwritten with each chunk before
+the fdatasync that precedes the counter, digested per block in `checksums/extras/<name>`,
+verified on every read and by `info`, compared on resume (`StoreMeta.differences`), copied
+by a shard merge. A BLIP store from before extras differs from today's meta in `extras`, so
+extraction rewrites it rather than reusing it.
+
 Reading
 -------
 `FeatureStore.load(tokens=False)` reads vectors and present only: a pooled ranker over a
 store with tokens reads no token byte and holds no more memory than over a store without.
+Extras are read only when asked (`load(extras=True)`, `read_rows(..., extras=True)`,
+`take_extra`), so the same holds for them.
 `load(tokens=True)` reads everything into memory, as before. `load(tokens="lazy")` returns
 tokens as a copy-on-write `np.memmap` of the contiguous dataset: pages are read when
 touched, writes stay private to the process, `torch.from_numpy` shares it without a copy.
@@ -127,7 +148,7 @@ import os
 import platform
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +177,8 @@ DTYPES = ("float16", "float32")
 _NUMPY_DTYPE = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 _OPTIONAL_PACKAGES = ("torch", "transformers", "timm")
 _PROGRESS_FORMAT = "mmnews-features-progress"
+EXTRAS_GROUP = "extras"
+_EXTRA_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 PathLike = str | os.PathLike[str]
 
@@ -179,6 +202,9 @@ class StoreMeta:
     crop box, pooling ...) as a JSON-serialisable dict. `fingerprint` identifies the news
     the vectors were computed from (`News.fingerprint()`). `token_dim` is the width of the
     token vectors when it differs from `dim` (e.g. CLIP: projected pooled vs hidden tokens).
+    `extras` names further per-news vectors and their widths E, each kept in the dataset
+    `extras/<name>` (N, E) (e.g. BLIP's {"image_embeds": 256, "text_embeds": 256}); empty
+    for most extractors.
     """
 
     extractor: str
@@ -191,6 +217,7 @@ class StoreMeta:
     dtype: Literal["float16", "float32"]
     token_len: int | None = None
     token_dim: int | None = None
+    extras: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -216,6 +243,7 @@ class StoreMeta:
         if not isinstance(normal, dict):
             raise ValueError(f"StoreMeta.preprocess must be a dict, got {type(self.preprocess).__name__}")
         object.__setattr__(self, "preprocess", normal)
+        object.__setattr__(self, "extras", _normal_extras(self.extras))
 
     @property
     def has_tokens(self) -> bool:
@@ -242,7 +270,12 @@ class StoreMeta:
             "dtype": self.dtype,
             "token_len": np.int64(self.token_len or 0),
             "token_dim": np.int64(self.tokens_width if self.has_tokens else 0),
+            # Only when declared: a store without extras keeps exactly the attributes it had before them.
+            **({"extras": self.extras_json()} if self.extras else {}),
         }
+
+    def extras_json(self) -> str:
+        return json.dumps(self.extras, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_attrs(cls, attrs: Any) -> StoreMeta:
@@ -261,6 +294,7 @@ class StoreMeta:
             token_len=token_len,
             # Stored as the effective width; keep None when it equals dim so meta round-trips.
             token_dim=token_dim if token_dim not in (None, dim) else None,
+            extras=json.loads(str(attrs["extras"])) if "extras" in attrs else {},
         )
 
     def differences(self, other: StoreMeta) -> list[str]:
@@ -277,6 +311,26 @@ class StoreMeta:
             if a != b:
                 out.append(f"{field.name}: file has {a!r}, this run has {b!r}")
         return out
+
+
+def _normal_extras(extras: Any) -> dict[str, int]:
+    """StoreMeta.extras checked and sorted by name: names that are one HDF5 path part, widths >= 1."""
+    if not isinstance(extras, dict):
+        raise ValueError(f"StoreMeta.extras must be a dict of name -> width, got {type(extras).__name__}")
+    out = {}
+    for name in sorted(extras, key=str):
+        width = extras[name]
+        if not isinstance(name, str) or not _EXTRA_NAME.fullmatch(name):
+            raise ValueError(f"StoreMeta.extras name {name!r} must be letters, digits, '.', '_' or '-'")
+        if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or int(width) < 1:
+            raise ValueError(f"StoreMeta.extras[{name!r}] must be a width >= 1, got {width!r}")
+        out[name] = int(width)
+    return out
+
+
+def extra_dataset(name: str) -> str:
+    """The dataset that holds the extra vectors `name`: `extras/<name>`."""
+    return f"{EXTRAS_GROUP}/{name}"
 
 
 def store_path(features_dir: PathLike, dataset_name: str, extractor_name: str, mode: str) -> Path:
@@ -361,11 +415,18 @@ _REQUIRED_ATTRS = ("format", "format_version", "extractor", "checkpoint", "revis
                    "fingerprint", "dim", "dtype", "token_len", "token_dim", "rows", "created", "versions",
                    "write_id", "complete", "committed_rows", "checksum", "block_bytes", "ids_sha256",
                    "attrs_sha256")
+_OPTIONAL_ATTRS = ("extras",)  # StoreMeta fields written only when set
 
 
 def _data_names(meta: StoreMeta) -> list[str]:
     """The numeric datasets of a store, in write order."""
-    return ["vectors", "present"] + (["tokens", "mask"] if meta.has_tokens else [])
+    return (["vectors", "present"] + (["tokens", "mask"] if meta.has_tokens else [])
+            + [extra_dataset(name) for name in meta.extras])
+
+
+def _float_names(meta: StoreMeta) -> list[str]:
+    """The datasets in the store dtype: vectors, tokens, extras."""
+    return [name for name in _data_names(meta) if name not in ("present", "mask")]
 
 
 def _sums_name(name: str) -> str:
@@ -410,10 +471,16 @@ def _read_header(f: h5py.File) -> StoreHeader:
         raise _Corrupt(f"missing datasets: {', '.join(absent)}")
     if not meta.has_tokens and ("tokens" in f or "mask" in f):
         raise _Corrupt("has a tokens/mask dataset but token_len is 0")
+    if EXTRAS_GROUP in f:
+        group = f[EXTRAS_GROUP]
+        stray = sorted(set(group) - set(meta.extras)) if isinstance(group, h5py.Group) else [EXTRAS_GROUP]
+        if stray:
+            raise _Corrupt(f"has extras datasets its attributes do not declare: {', '.join(stray)}")
     expect = {"news_ids": (n,), "vectors": (n, meta.dim), "present": (n,)}
     if meta.has_tokens:
         expect["tokens"] = (n, int(meta.token_len or 0), meta.tokens_width)
         expect["mask"] = (n, int(meta.token_len or 0))
+    expect.update({extra_dataset(name): (n, width) for name, width in meta.extras.items()})
     for name, shape in expect.items():
         if not isinstance(f[name], h5py.Dataset) or f[name].shape != shape:
             got = getattr(f[name], "shape", "a group")
@@ -422,7 +489,7 @@ def _read_header(f: h5py.File) -> StoreHeader:
     if string_info is None or string_info.encoding != "utf-8":
         raise _Corrupt(f"dataset news_ids has dtype {f['news_ids'].dtype}, expected UTF-8 strings")
     want = _NUMPY_DTYPE[meta.dtype]
-    for name in ("vectors", "tokens") if meta.has_tokens else ("vectors",):
+    for name in _float_names(meta):
         if f[name].dtype != want:
             raise _Corrupt(f"dataset {name} has dtype {f[name].dtype}, expected {meta.dtype}")
     for name in ("present", "mask") if meta.has_tokens else ("present",):
@@ -764,7 +831,7 @@ class FeatureWriter:
         if int(block_bytes) < 1:
             raise ValueError(f"block_bytes must be >= 1, got {block_bytes}")
         self.block_bytes = int(block_bytes)
-        clash = sorted(set(attrs or {}) & set(_REQUIRED_ATTRS))
+        clash = sorted(set(attrs or {}) & {*_REQUIRED_ATTRS, *_OPTIONAL_ATTRS})
         if clash:
             raise ValueError(f"extra attributes may not replace the store's own: {', '.join(clash)}")
         self.extra_attrs = dict(attrs or {})
@@ -888,6 +955,8 @@ class FeatureWriter:
                 length = int(meta.token_len or 0)
                 f.create_dataset("tokens", shape=(n, length, meta.tokens_width), dtype=dt, dcpl=_dcpl_early())
                 f.create_dataset("mask", shape=(n, length), dtype=np.bool_, dcpl=_dcpl_early())
+            for name, width in meta.extras.items():
+                f.create_dataset(extra_dataset(name), shape=(n, width), dtype=dt, dcpl=_dcpl_early())
             names = _data_names(meta)
             for name in names:
                 row_bytes = int(np.prod(f[name].shape[1:], dtype=np.int64)) * f[name].dtype.itemsize
@@ -977,11 +1046,13 @@ class FeatureWriter:
     # -- rows
 
     def write(self, vectors: np.ndarray, present: np.ndarray | Sequence[bool],
-              tokens: np.ndarray | None = None, mask: np.ndarray | None = None) -> int:
+              tokens: np.ndarray | None = None, mask: np.ndarray | None = None,
+              extras: Mapping[str, np.ndarray] | None = None) -> int:
         """Write rows next_row .. next_row+K-1 and commit them; returns the new next_row.
 
         vectors (K, D); present (K,) bool; tokens (K, L, Dt) and mask (K, L) bool exactly
-        when the meta has token_len. Floats are cast to the store dtype.
+        when the meta has token_len; extras {name: (K, E)} with exactly the meta's names
+        exactly when it declares extras. Floats are cast to the store dtype.
         """
         if self._fd is None:
             raise ValueError(f"{self.path}: writer is closed")
@@ -1008,6 +1079,7 @@ class FeatureWriter:
             chunk.update(tokens=tok, mask=msk)
         elif tokens is not None or mask is not None:
             raise ValueError(f"{self.path}: tokens given but the meta has token_len=None")
+        chunk.update(self._extras_chunk(extras, k, dt))
         if self.next_row + k > self.rows:
             raise ValueError(f"{self.path}: {k} rows at row {self.next_row} overflow the {self.rows} rows")
         if k == 0:
@@ -1035,6 +1107,23 @@ class FeatureWriter:
                                 f"fix the disk problem (space, permissions) and re-run to resume") from None
         self._hashes = hashes
         return self.next_row
+
+    def _extras_chunk(self, extras: Mapping[str, np.ndarray] | None, k: int, dt: np.dtype) -> dict[str, np.ndarray]:
+        """{dataset: (K, E) in the store dtype} of the extras this store declares, checked."""
+        declared = self.meta.extras
+        given = dict(extras or {})
+        if sorted(given) != sorted(declared):
+            if not declared:
+                raise ValueError(f"{self.path}: extras {', '.join(sorted(given))} given but the meta declares none")
+            raise ValueError(f"{self.path}: this store keeps extras {', '.join(declared)}; pass exactly those "
+                             f"(got {', '.join(sorted(given)) or 'none'})")
+        out = {}
+        for name, width in declared.items():
+            arr = np.ascontiguousarray(given[name], dtype=dt)  # (K, E)
+            if arr.shape != (k, width):
+                raise ValueError(f"extras[{name!r}] must have shape ({k}, {width}), got {arr.shape}")
+            out[extra_dataset(name)] = arr
+        return out
 
     def finalize(self) -> Path:
         """Mark complete and publish under the final name (atomically); returns that path."""
@@ -1099,7 +1188,8 @@ def _check_ids(ids: Sequence[str] | np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class FeatureArrays:
     """A store's arrays. ids (N,) str; vectors (N, D); present (N,) bool; tokens (N, L, Dt)
-    and mask (N, L) bool, or None (no tokens in the store, or not asked for). From
+    and mask (N, L) bool, or None (no tokens in the store, or not asked for); extras
+    {name: (N, E)}, the extra vectors asked for (empty unless asked). From
     `load(tokens="lazy")` tokens is a copy-on-write np.memmap of the file (module docstring)."""
 
     ids: np.ndarray
@@ -1107,6 +1197,7 @@ class FeatureArrays:
     present: np.ndarray
     tokens: np.ndarray | None
     mask: np.ndarray | None
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 class FeatureStore:
@@ -1173,7 +1264,7 @@ class FeatureStore:
             blocks = _raw_call(path, lambda: _Blocks(path, fd, spans))
             store = cls(path, f, header, ids, blocks)
             if in_memory:
-                store.load()
+                store.load(extras=True)
         except BaseException:
             f.close()
             if fd is not None:
@@ -1190,6 +1281,11 @@ class FeatureStore:
     @property
     def has_tokens(self) -> bool:
         return self.meta.has_tokens
+
+    @property
+    def extra_names(self) -> tuple[str, ...]:
+        """Names of the extra vectors the store keeps (StoreMeta.extras), sorted."""
+        return tuple(self.meta.extras)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -1230,15 +1326,27 @@ class FeatureStore:
         self._require_tokens()
         return self._gather("tokens", indices), self._gather("mask", indices)
 
-    def load(self, tokens: bool | Literal["lazy"] = True) -> FeatureArrays:
+    def get_extra(self, name: str, ids: Sequence[str] | np.ndarray) -> np.ndarray:
+        """(K, E) extra vectors `name` of the given news ids."""
+        return self.take_extra(name, self.rows(ids))
+
+    def take_extra(self, name: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(K, E) extra vectors `name` of the given rows (any order, duplicates allowed)."""
+        (name,) = self._extra_names([name])
+        return self._gather(extra_dataset(name), indices)
+
+    def load(self, tokens: bool | Literal["lazy"] = True, extras: bool | Sequence[str] = False) -> FeatureArrays:
         """The store's arrays, read into memory and verified; later gathers are served from them.
 
         tokens=True reads tokens and mask too; False leaves them unread (None), so a pooled
         ranker reads no token byte; "lazy" reads the mask and maps the tokens as a
         copy-on-write np.memmap, verified first in one streaming pass (module docstring).
+        extras=True reads every extra dataset, a sequence of names those; False (default)
+        reads none.
         """
         if tokens not in (True, False, "lazy"):
             raise ValueError(f"tokens must be True, False or 'lazy', got {tokens!r}")
+        names = self._extra_names(extras)
         vectors = self._whole("vectors")  # (N, D)
         tok = msk = None
         if tokens is not False and self.has_tokens:
@@ -1247,21 +1355,40 @@ class FeatureStore:
                 tok = self._whole("tokens")  # (N, L, Dt)
             else:
                 tok = self._map_tokens()  # (N, L, Dt) memmap
-        return FeatureArrays(ids=self.ids, vectors=vectors, present=self.present, tokens=tok, mask=msk)
+        more = {name: self._whole(extra_dataset(name)) for name in names}  # name -> (N, E)
+        return FeatureArrays(ids=self.ids, vectors=vectors, present=self.present, tokens=tok, mask=msk, extras=more)
 
-    def read_rows(self, start: int, stop: int, tokens: bool = True) -> FeatureArrays:
-        """Rows start..stop-1 of every dataset (tokens and mask only when asked), verified."""
+    def read_rows(self, start: int, stop: int, tokens: bool = True,
+                  extras: bool | Sequence[str] = False) -> FeatureArrays:
+        """Rows start..stop-1 of every dataset (tokens and mask, extras, only when asked), verified."""
         n = len(self)
         if not 0 <= start <= stop <= n:
             raise IndexError(f"{self.path}: rows {start}..{stop - 1} out of range 0..{n - 1}")
         with_tokens = tokens and self.has_tokens
+        names = self._extra_names(extras)
         return FeatureArrays(
             ids=self.ids[start:stop],
             vectors=self._rows("vectors", start, stop),
             present=self.present[start:stop],
             tokens=self._rows("tokens", start, stop) if with_tokens else None,
             mask=self._rows("mask", start, stop) if with_tokens else None,
+            extras={name: self._rows(extra_dataset(name), start, stop) for name in names},
         )
+
+    def _extra_names(self, extras: bool | Sequence[str]) -> list[str]:
+        """The extras a read asks for: all of them (True), none (False) or these names."""
+        if extras is True:
+            return list(self.meta.extras)
+        if extras is False:
+            return []
+        if isinstance(extras, str):
+            raise ValueError(f"extras must be True, False or a sequence of names, got {extras!r}")
+        unknown = [name for name in extras if name not in self.meta.extras]
+        if unknown:
+            kept = ", ".join(self.meta.extras) or "none"
+            raise PipelineError(f"{self.path}: this feature store has no extra vectors {unknown[0]!r} (it keeps: "
+                                f"{kept}); re-run extraction with an extractor that returns them")
+        return list(extras)
 
     def _rows(self, name: str, start: int, stop: int) -> np.ndarray:
         if name in self._memory:
@@ -1424,7 +1551,7 @@ def verify(path: PathLike, check_values: bool = False) -> Verdict:
                 return Verdict("corrupt", f"{'; '.join(mismatches)}; {redo}", **found)
             found["present_count"] = int(np.count_nonzero(f["present"][:committed]))
             if check_values:
-                found["nonfinite_rows"] = _count_nonfinite_rows(f, committed, header.meta.has_tokens)
+                found["nonfinite_rows"] = _count_nonfinite_rows(f, committed, header.meta)
         except _Outdated as err:
             return Verdict("outdated", f"{err}; {redo}", **found)
         except _Corrupt as err:
@@ -1461,15 +1588,13 @@ def _scan_committed(path: Path, spans: dict[str, _Span], committed: int, found: 
         os.close(fd)
 
 
-def _count_nonfinite_rows(f: h5py.File, committed: int, has_tokens: bool, block: int = 4096) -> int:
+def _count_nonfinite_rows(f: h5py.File, committed: int, meta: StoreMeta, block: int = 4096) -> int:
     bad = np.zeros(committed, dtype=bool)  # (N',)
     for start in range(0, committed, block):
         stop = min(start + block, committed)
-        vec = f["vectors"][start:stop]  # (b, D)
-        bad[start:stop] |= ~np.isfinite(vec).all(axis=1)
-        if has_tokens:
-            tok = f["tokens"][start:stop]  # (b, L, Dt)
-            bad[start:stop] |= ~np.isfinite(tok).all(axis=(1, 2))
+        for name in _float_names(meta):
+            rows = f[name][start:stop]  # (b, D), (b, L, Dt), (b, E)
+            bad[start:stop] |= ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
     return int(bad.sum())
 
 
@@ -1488,6 +1613,7 @@ def _print_info(path: Path, verdict: Verdict) -> None:
         print(f"dim          {meta.dim}")
         print(f"dtype        {meta.dtype}")
         print(f"tokens       {tokens}")
+        print("extras       " + (", ".join(f"{name} ({n}, {width})" for name, width in meta.extras.items()) or "none"))
         print(f"fingerprint  {meta.fingerprint}")
         print(f"created      {header.created}")
         print(f"versions     " + ", ".join(f"{k} {v}" for k, v in sorted(header.versions.items())))
@@ -1511,14 +1637,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = sub.add_parser(
         "info", help="print a store's metadata and integrity verdict",
         description="Print the metadata of a feature store (extractor, checkpoint, mode, rows, dim, "
-                    "dtype, tokens, dataset fingerprint, creation time, package versions, preprocessing) "
+                    "dtype, tokens, extras, dataset fingerprint, creation time, package versions, preprocessing) "
                     "and its integrity verdict, verifying every checksum (attributes, ids, each block "
                     "of rows). Exit status 0 when complete, 1 when incomplete (an interrupted extraction, "
                     "e.g. a .partial file), corrupt (a checksum mismatch names the dataset and rows) or "
                     "outdated (written before checksums).")
     info.add_argument("file", type=Path, help="a .h5 store or a .h5.partial left by an interrupted extraction")
     info.add_argument("--check-values", action="store_true",
-                      help="also scan the committed rows for NaN/Inf (reads all vectors and tokens)")
+                      help="also scan the committed rows for NaN/Inf (reads all vectors, tokens and extras)")
     args = parser.parse_args(argv)
     verdict = verify(args.file, check_values=args.check_values)
     _print_info(args.file, verdict)

@@ -8,8 +8,8 @@ ranges [start, stop). Each range goes into its own ordinary, resumable store (th
     <features>/shards/<stem>.shard-01-of-02.h5    rows [s1, N)
 
 A shard store holds the same `StoreMeta` as the whole store (same extractor config,
-fingerprint of the whole catalogue, dim, dtype, token_len), only its own rows' ids and
-vectors, and five extra root attributes: `shard_index`, `shard_count`, `shard_start`,
+fingerprint of the whole catalogue, dim, dtype, token_len, extras), only its own rows' ids and
+vectors (tokens, extras), and five extra root attributes: `shard_index`, `shard_count`, `shard_start`,
 `shard_stop` and `shard_of_rows` (N). Boundaries are whole multiples of the extraction's
 chunk, so each shard forms exactly the batches a single process would have formed and its
 vectors are bit-identical to that run's rows.
@@ -243,8 +243,9 @@ def _copy_rows(shard: Shard, writer: FeatureWriter, meta: StoreMeta, block_rows:
     with store:
         for start in range(max(writer.next_row, shard.start), shard.stop, block_rows):
             a, b = start - shard.start, min(start + block_rows, shard.stop) - shard.start
-            rows = _shard_read(shard, lambda: store.read_rows(a, b, tokens=meta.has_tokens))  # (b-a, D) ...
-            writer.write(rows.vectors, rows.present, tokens=rows.tokens, mask=rows.mask)
+            # (b-a, D), tokens and extras when the store keeps them
+            rows = _shard_read(shard, lambda: store.read_rows(a, b, tokens=meta.has_tokens, extras=True))
+            writer.write(rows.vectors, rows.present, tokens=rows.tokens, mask=rows.mask, extras=rows.extras)
 
 
 def _shard_read(shard: Shard, read: Callable[[], T]) -> T:

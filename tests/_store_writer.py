@@ -4,7 +4,8 @@ It writes a deterministic store (every value is a function of its row, so any sp
 chunks and any number of restarts give the same content) chunk by chunk, resuming whatever
 partial it finds. It prints `start`, `begin <row>` before each chunk and `finalize`, so the
 test knows what was in flight when it killed the process. `--spin` burns CPU between
-chunks (no sleep) to stretch the run.
+chunks (no sleep) to stretch the run. `--extras NAME=WIDTH,...` declares extra vectors
+(StoreMeta.extras), written with every chunk.
 
 `--stall CALL:PHASE:N` freezes the writer at one exact step so that the test can kill it
 there: on the N-th call of CALL while in PHASE (`create`, a chunk's first row, `finalize`) it
@@ -31,10 +32,11 @@ FINGERPRINT = "sha256:kill-test-world"
 
 
 def make_meta(dim: int, token_len: int | None, fingerprint: str = FINGERPRINT,
-              dtype: str = "float32", checkpoint: str = "tiny/kill-test") -> StoreMeta:
+              dtype: str = "float32", checkpoint: str = "tiny/kill-test",
+              extras: dict[str, int] | None = None) -> StoreMeta:
     return StoreMeta(extractor="tiny-text", checkpoint=checkpoint, revision="r1", mode="frozen",
                      preprocess={"max_len": token_len or 0, "pooling": "mean"}, fingerprint=fingerprint,
-                     dim=dim, dtype=dtype, token_len=token_len)  # type: ignore[arg-type]
+                     dim=dim, dtype=dtype, token_len=token_len, extras=dict(extras or {}))  # type: ignore[arg-type]
 
 
 def make_ids(rows: int) -> list[str]:
@@ -53,6 +55,23 @@ def make_rows(start: int, stop: int, dim: int, token_len: int | None):
     tokens = np.cos(0.11 * r[:, :, None] + 0.7 * t + 0.05 * j[:, None, :])  # (K, L, D)
     mask = np.arange(token_len)[None, :] < (1 + np.arange(start, stop)[:, None] % token_len)  # (K, L)
     return vectors, present, tokens, mask
+
+
+def make_extras(start: int, stop: int, extras: dict[str, int] | None) -> dict[str, np.ndarray] | None:
+    """{name: (K, E)} for rows start..stop-1, each name its own function of the row; None without extras."""
+    if not extras:
+        return None
+    r = np.arange(start, stop, dtype=np.float64)[:, None]  # (K, 1)
+    out = {}
+    for k, (name, width) in enumerate(sorted(extras.items())):
+        e = np.arange(width, dtype=np.float64)[None, :]  # (1, E)
+        out[name] = np.tanh(0.23 * r - 0.9 * e + k)  # (K, E)
+    return out
+
+
+def parse_extras(text: str) -> dict[str, int]:
+    """`a=3,b=5` -> {"a": 3, "b": 5}; '' -> {}."""
+    return {name: int(width) for name, width in (part.split("=") for part in text.split(",") if part)}
 
 
 _phase: dict[str, str | None] = {"now": None}
@@ -91,20 +110,21 @@ def install_stall(spec: str) -> None:
 
 
 def write_store(path: Path, rows: int, chunk: int, dim: int, token_len: int | None,
-                spin: int = 0, report: bool = False) -> Path:
+                spin: int = 0, report: bool = False, extras: dict[str, int] | None = None) -> Path:
     if report:
         print("start", flush=True)
     _phase["now"] = "create"
-    writer = FeatureWriter(path, make_meta(dim, token_len), make_ids(rows))
+    writer = FeatureWriter(path, make_meta(dim, token_len, extras=extras), make_ids(rows))
     burn = 0
     for start in range(writer.next_row, rows, chunk):
         for i in range(spin):
             burn ^= i
         batch = make_rows(start, min(start + chunk, rows), dim, token_len)
+        more = make_extras(start, min(start + chunk, rows), extras)
         _phase["now"] = str(start)
         if report:
             print(f"begin {start}", flush=True)
-        writer.write(*batch)
+        writer.write(*batch, extras=more)
     _phase["now"] = "finalize"
     if report:
         print("finalize", flush=True)
@@ -119,11 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--token-len", type=int, default=0)
     parser.add_argument("--spin", type=int, default=0)
+    parser.add_argument("--extras", default="", help="NAME=WIDTH,... extra vectors to declare and write")
     parser.add_argument("--stall", default=None, help="CALL:PHASE:N, see the module docstring")
     args = parser.parse_args(argv)
     if args.stall:
         install_stall(args.stall)
-    write_store(args.path, args.rows, args.chunk, args.dim, args.token_len or None, args.spin, report=True)
+    write_store(args.path, args.rows, args.chunk, args.dim, args.token_len or None, args.spin, report=True,
+                extras=parse_extras(args.extras))
     print("done", flush=True)
     return 0
 

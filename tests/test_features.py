@@ -1,5 +1,6 @@
 """HDF5 feature store: round trips, gathers, refusals, read-only use, resume, kill -9,
-checksums (issue 11) and pooled loads that leave token vectors unread (issue 13)."""
+checksums (issue 11), pooled loads that leave token vectors unread (issue 13) and extra
+vectors (BLIP's unimodal embeddings, issue 12), which most stores here carry."""
 
 from __future__ import annotations
 
@@ -41,14 +42,24 @@ sw = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sw)
 
 ROWS, DIM, TOKENS = 400, 16, 4
+EXTRAS = {"image_embeds": 8, "text_embeds": 12}  # two widths, so a mix-up cannot pass
+EXTRAS_ARG = "image_embeds=8,text_embeds=12"  # the same, for the writer process
+NUMERIC = ("vectors", "present", "tokens", "mask", "extras/image_embeds", "extras/text_embeds")
+
+
+def _put(writer: FeatureWriter, start: int, stop: int, dim: int = DIM, token_len: int | None = TOKENS,
+         extras: dict[str, int] | None = EXTRAS) -> int:
+    """Write rows start..stop-1 of the deterministic store, extras included when declared."""
+    return writer.write(*sw.make_rows(start, stop, dim, token_len), extras=sw.make_extras(start, stop, extras))
 
 
 def _write(path: Path, rows: int = ROWS, chunk: int = 37, token_len: int | None = TOKENS,
-           block_bytes: int = BLOCK_BYTES, dim: int = DIM, **meta_kw) -> Path:
-    meta = sw.make_meta(dim, token_len, **meta_kw)
+           block_bytes: int = BLOCK_BYTES, dim: int = DIM, extras: dict[str, int] | None = EXTRAS,
+           **meta_kw) -> Path:
+    meta = sw.make_meta(dim, token_len, extras=extras, **meta_kw)
     with FeatureWriter(path, meta, sw.make_ids(rows), fsync=False, block_bytes=block_bytes) as writer:
         for start in range(writer.next_row, rows, chunk):
-            writer.write(*sw.make_rows(start, min(start + chunk, rows), dim, token_len))
+            _put(writer, start, min(start + chunk, rows), dim, token_len, extras)
         return writer.finalize()
 
 
@@ -58,12 +69,18 @@ def _expected(rows: int = ROWS, token_len: int | None = TOKENS, dtype: str = "fl
     return vec.astype(cast), pres, None if tok is None else tok.astype(cast), msk
 
 
+def _expected_extras(rows: int = ROWS, extras: dict[str, int] | None = EXTRAS,
+                     dtype: str = "float32") -> dict[str, np.ndarray]:
+    return {name: e.astype(dtype) for name, e in (sw.make_extras(0, rows, extras) or {}).items()}
+
+
 def _datasets(path: Path) -> dict[str, bytes]:
-    """Every dataset's content as bytes, digest tables included, straight from h5py (no
-    store code involved)."""
-    names = ("vectors", "present", "tokens", "mask")
+    """Every dataset's content as bytes, digest tables and extras included, straight from
+    h5py (no store code involved)."""
+    out = {}
     with h5py.File(path, "r") as f:
-        out = {name: f[name][()].tobytes() for name in names + tuple(f"checksums/{n}" for n in names) if name in f}
+        f.visititems(lambda name, obj: out.update({name: obj[()].tobytes()})
+                     if isinstance(obj, h5py.Dataset) and name != "news_ids" else None)
         out["news_ids"] = "\n".join(f["news_ids"].asstr()[:]).encode()
     return out
 
@@ -103,13 +120,20 @@ def test_store_path_is_one_safe_file_per_dataset_extractor_mode(tmp_path):
         store_path(tmp_path, "///", "bert", "frozen")
 
 
-@pytest.mark.parametrize("token_len,dtype", [(None, "float32"), (TOKENS, "float16")])
-def test_round_trip_is_exact(tmp_path, token_len, dtype):
-    path = _write(tmp_path / "s.h5", token_len=token_len, dtype=dtype)
+@pytest.mark.parametrize("token_len,dtype,extras", [(None, "float32", None), (TOKENS, "float16", EXTRAS)])
+def test_round_trip_is_exact(tmp_path, token_len, dtype, extras):
+    path = _write(tmp_path / "s.h5", token_len=token_len, dtype=dtype, extras=extras)
     vec, pres, tok, msk = _expected(token_len=token_len, dtype=dtype)
     assert not partial_path(path).exists() and not progress_path(path).exists()
     with FeatureStore.open(path, expected_fingerprint=sw.FINGERPRINT) as store:
-        assert store.meta == sw.make_meta(DIM, token_len, dtype=dtype)
+        assert store.meta == sw.make_meta(DIM, token_len, dtype=dtype, extras=extras)
+        assert store.extra_names == tuple(extras or ())
+        assert store.load().extras == {}  # asked for by name or True only
+        more = store.load(extras=True).extras
+        assert sorted(more) == sorted(extras or ())
+        for name, values in _expected_extras(extras=extras, dtype=dtype).items():
+            assert more[name].dtype == np.dtype(dtype) and more[name].tobytes() == values.tobytes()
+            assert store.read_rows(7, 30, extras=[name]).extras[name].tobytes() == values[7:30].tobytes()
         assert len(store) == ROWS and store.dim == DIM and store.has_tokens == (token_len is not None)
         assert list(store.ids) == sw.make_ids(ROWS)
         assert store.index["N10007"] == 1
@@ -130,6 +154,11 @@ def test_round_trip_is_exact(tmp_path, token_len, dtype):
         assert bool(f.attrs["complete"]) and int(f.attrs["committed_rows"]) == ROWS
         assert json.loads(f.attrs["preprocess"]) == {"max_len": token_len or 0, "pooling": "mean"}
         assert f["vectors"].chunks is None and f["vectors"].compression is None
+        # Without extras, the attributes and datasets of a store from before extras, no more.
+        assert ("extras" in f.attrs, "extras" in f) == (bool(extras), bool(extras))
+        if extras:
+            assert json.loads(f.attrs["extras"]) == extras
+            assert all(f[f"extras/{n}"].chunks is None and f[f"extras/{n}"].compression is None for n in extras)
 
 
 @pytest.mark.parametrize("in_memory", [False, True])
@@ -145,8 +174,13 @@ def test_gathers_in_any_order_with_duplicates(complete_store, in_memory):
             got_tok, got_mask = store.get_tokens(ids[rows])
             assert got_tok.tobytes() == tok[rows].tobytes()
             np.testing.assert_array_equal(got_mask, msk[rows])
+            for name, values in _expected_extras().items():
+                assert store.get_extra(name, ids[rows]).tobytes() == values[rows].tobytes()
+                assert store.take_extra(name, rows).shape == (len(rows), EXTRAS[name])
         with pytest.raises(IndexError, match="out of range"):
             store.take([0, ROWS])
+        with pytest.raises(PipelineError, match="no extra vectors 'itm_score' .*keeps: image_embeds, text_embeds"):
+            store.take_extra("itm_score", [0])
 
 
 def test_unknown_id_is_named(complete_store):
@@ -186,7 +220,8 @@ def test_info_reports_a_complete_store(complete_store, capsys):
     out = capsys.readouterr().out
     for line in ("extractor    tiny-text", "checkpoint   tiny/kill-test @ r1", "mode         frozen",
                  "rows         400", "dim          16", "dtype        float32",
-                 "tokens       (400, 4, 16) with mask (400, 4)", f"fingerprint  {sw.FINGERPRINT}",
+                 "tokens       (400, 4, 16) with mask (400, 4)",
+                 "extras       image_embeds (400, 8), text_embeds (400, 12)", f"fingerprint  {sw.FINGERPRINT}",
                  "present      320 of 400 committed rows", "non-finite   0 rows",
                  'preprocess   {"max_len": 4, "pooling": "mean"}', "verdict      complete"):
         assert line in out
@@ -262,12 +297,12 @@ def test_readers_never_write(complete_store, tmp_path, capsys):
 def test_resume_after_close_equals_uninterrupted_write(tmp_path):
     reference = _write(tmp_path / "ref.h5", chunk=ROWS)
     path = tmp_path / "s.h5"
-    meta, ids = sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS)
+    meta, ids = sw.make_meta(DIM, TOKENS, extras=EXTRAS), sw.make_ids(ROWS)
     for stop in (13, 150, 151, ROWS):
         with FeatureWriter(path, meta, ids, fsync=False) as writer:
             assert writer.resumed == (stop != 13)
             for start in range(writer.next_row, stop, 29):
-                writer.write(*sw.make_rows(start, min(start + 29, stop), DIM, TOKENS))
+                _put(writer, start, min(start + 29, stop))
             assert writer.next_row == stop
             if stop == ROWS:
                 writer.finalize()
@@ -276,15 +311,14 @@ def test_resume_after_close_equals_uninterrupted_write(tmp_path):
 
 def test_row_writes_leave_hdf5_metadata_untouched(tmp_path):
     path = tmp_path / "s.h5"
-    writer = FeatureWriter(path, sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS), fsync=False)
+    writer = FeatureWriter(path, sw.make_meta(DIM, TOKENS, extras=EXTRAS), sw.make_ids(ROWS), fsync=False)
     before = np.frombuffer(partial_path(path).read_bytes(), dtype=np.uint8)
-    names = ("vectors", "present", "tokens", "mask")
     with h5py.File(partial_path(path), "r") as f:
         # The data blocks and their digest tables (written with the rows that complete a block).
         blocks = [(f[n].id.get_offset(), f[n].id.get_storage_size())
-                  for n in names + tuple(f"checksums/{n}" for n in names)]
+                  for n in NUMERIC + tuple(f"checksums/{n}" for n in NUMERIC)]
     for start in range(0, ROWS, 50):
-        writer.write(*sw.make_rows(start, start + 50, DIM, TOKENS))
+        _put(writer, start, start + 50)
     after = np.frombuffer(partial_path(path).read_bytes(), dtype=np.uint8)
     writer.close()
     outside = np.ones(len(before), dtype=bool)
@@ -298,13 +332,17 @@ def test_row_writes_leave_hdf5_metadata_untouched(tmp_path):
 
 def test_resume_with_other_meta_or_ids_is_refused_unless_restart(tmp_path):
     path = tmp_path / "s.h5"
-    meta, ids = sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS)
+    meta, ids = sw.make_meta(DIM, TOKENS, extras=EXTRAS), sw.make_ids(ROWS)
     with FeatureWriter(path, meta, ids, fsync=False) as writer:
-        writer.write(*sw.make_rows(0, 40, DIM, TOKENS))
+        _put(writer, 0, 40)
     cases = [
-        (sw.make_meta(DIM, TOKENS, checkpoint="tiny/other"), ids, "checkpoint: file has 'tiny/kill-test'"),
-        (sw.make_meta(DIM, TOKENS, fingerprint="sha256:new"), ids, "fingerprint: file has"),
-        (sw.make_meta(DIM, None), ids, "token_len: file has 4, this run has None"),
+        (sw.make_meta(DIM, TOKENS, checkpoint="tiny/other", extras=EXTRAS), ids,
+         "checkpoint: file has 'tiny/kill-test'"),
+        (sw.make_meta(DIM, TOKENS, fingerprint="sha256:new", extras=EXTRAS), ids, "fingerprint: file has"),
+        (sw.make_meta(DIM, None, extras=EXTRAS), ids, "token_len: file has 4, this run has None"),
+        # A BLIP store from before extras (or an extractor whose extras changed) is not resumed.
+        (sw.make_meta(DIM, TOKENS), ids, "extras: file has {'image_embeds': 8, 'text_embeds': 12}, this run has {}"),
+        (sw.make_meta(DIM, TOKENS, extras={**EXTRAS, "text_embeds": 16}), ids, "'text_embeds': 16}"),
         (meta, ids[:2] + ["X"] + ids[3:], "news ids differ from row 2 on"),
         (meta, ids[:-1], "rows: file has 400, this run has 399"),
     ]
@@ -345,6 +383,8 @@ def test_writer_guards(tmp_path):
         writer.write(vec, pres)
     with pytest.raises(ValueError, match="mask must have shape"):
         writer.write(vec, pres, tok, msk[:, :2])
+    with pytest.raises(ValueError, match="extras image_embeds given but the meta declares none"):
+        writer.write(vec, pres, tok, msk, extras={"image_embeds": np.zeros((20, 8))})
     writer.write(vec[:10], pres[:10], tok[:10], msk[:10])
     with pytest.raises(ValueError, match="overflow"):
         writer.write(vec, pres, tok, msk)
@@ -356,6 +396,21 @@ def test_writer_guards(tmp_path):
         FeatureWriter(path, meta, ids)
     with pytest.raises(PipelineError, match="occurs more than once"):
         FeatureWriter(tmp_path / "d.h5", meta, ["a", "b", "a"])
+    keeper = FeatureWriter(tmp_path / "x.h5", sw.make_meta(DIM, None, extras=EXTRAS), ids, fsync=False)
+    more = sw.make_extras(0, 20, EXTRAS)
+    for bad, match in ((None, r"keeps extras image_embeds, text_embeds; pass exactly those \(got none\)"),
+                       ({"image_embeds": more["image_embeds"]}, r"\(got image_embeds\)"),
+                       ({**more, "itm": more["image_embeds"]}, r"\(got image_embeds, itm, text_embeds\)"),
+                       ({**more, "text_embeds": more["image_embeds"]}, r"extras\['text_embeds'\] must have shape "
+                                                                       r"\(20, 12\), got \(20, 8\)")):
+        with pytest.raises(ValueError, match=match):
+            keeper.write(vec, pres, extras=bad)
+    assert keeper.next_row == 0  # nothing written by a refused call
+    keeper.close()
+    with pytest.raises(ValueError, match="must be a width >= 1"):
+        sw.make_meta(DIM, None, extras={"image_embeds": 0})
+    with pytest.raises(ValueError, match="letters, digits"):
+        sw.make_meta(DIM, None, extras={"a/b": 3})
     # restart=True rewrites a complete store; the old one stays readable until the new one lands.
     rewriter = FeatureWriter(path, meta, ids, restart=True, fsync=False)
     with FeatureStore.open(path) as store:
@@ -377,7 +432,7 @@ KILL_ROWS, KILL_CHUNK = 400, 10  # 40 chunks
 
 def _writer_command(path: Path, *extra: str) -> list[str]:
     return [sys.executable, str(HELPER), str(path), "--rows", str(KILL_ROWS), "--chunk", str(KILL_CHUNK),
-            "--dim", str(DIM), "--token-len", str(TOKENS), *extra]
+            "--dim", str(DIM), "--token-len", str(TOKENS), "--extras", EXTRAS_ARG, *extra]
 
 
 def _spawn(command: list[str]) -> subprocess.Popen:
@@ -408,7 +463,7 @@ def _kill(proc: subprocess.Popen, lines: list[str]) -> list[str]:
 
 def _resume_point(path: Path) -> int:
     """Where a rerun continues; the probe resumes (or recreates) the partial and writes nothing."""
-    with FeatureWriter(path, sw.make_meta(DIM, TOKENS), sw.make_ids(KILL_ROWS), fsync=False) as probe:
+    with FeatureWriter(path, sw.make_meta(DIM, TOKENS, extras=EXTRAS), sw.make_ids(KILL_ROWS), fsync=False) as probe:
         assert probe.discarded is None, probe.discarded
         return probe.next_row
 
@@ -447,7 +502,7 @@ def test_kill_9_at_random_moments_loses_at_most_the_chunk_in_flight(tmp_path, co
             assert resumed in (in_flight, in_flight + KILL_CHUNK), (marker, lines[-3:], resumed)
     assert kills >= 5
     if not path.exists():
-        sw.write_store(path, KILL_ROWS, KILL_CHUNK, DIM, TOKENS)
+        sw.write_store(path, KILL_ROWS, KILL_CHUNK, DIM, TOKENS, extras=EXTRAS)
     assert _datasets(path) == _datasets(complete_store)
     with FeatureStore.open(path, sw.FINGERPRINT) as store, FeatureStore.open(complete_store) as reference:
         assert store.meta == reference.meta
@@ -460,6 +515,7 @@ STALLS = [
     ("replace:create:2", 0),  # .partial in place, first sidecar not yet
     ("pwrite:50:1", 50),  # torn write of chunk 5's vectors
     ("pwrite:50:3", 50),  # chunk 5: vectors and present written, tokens torn
+    ("pwrite:50:6", 50),  # chunk 5: all but the last extras written, extras/text_embeds torn
     ("fdatasync:80:1", 80),  # chunk 8 written, not yet synced or counted
     ("fsync:120:1", 120),  # chunk 12 synced, new counter half-way to the sidecar
     ("replace:120:1", 120),  # chunk 12 synced, new counter written but not yet renamed in
@@ -482,18 +538,19 @@ def test_kill_9_at_each_step_of_a_commit(tmp_path, complete_store, stall, commit
         with pytest.raises(PipelineError, match="run extraction"):
             FeatureStore.open(path)
         assert _resume_point(path) == committed
-        sw.write_store(path, KILL_ROWS, KILL_CHUNK, DIM, TOKENS)
+        sw.write_store(path, KILL_ROWS, KILL_CHUNK, DIM, TOKENS, extras=EXTRAS)
     assert _datasets(path) == _datasets(complete_store)
-    with FeatureStore.open(path, sw.FINGERPRINT):
-        pass
+    with FeatureStore.open(path, sw.FINGERPRINT) as store:
+        assert store.load(extras=True).extras.keys() == EXTRAS.keys()  # every extras block verified
     with pytest.raises(PipelineError, match="already exists and is complete"):
-        FeatureWriter(path, sw.make_meta(DIM, TOKENS), sw.make_ids(KILL_ROWS))
+        FeatureWriter(path, sw.make_meta(DIM, TOKENS, extras=EXTRAS), sw.make_ids(KILL_ROWS))
     assert not progress_path(path).exists() and not partial_path(path).exists()
 
 
 # --------------------------------------------------------------------------- checksums (issue 11)
 
-SMALL_BLOCKS = 1024  # bytes: vectors (64 B a row) make 16-row blocks, tokens (256 B) 4-row blocks
+SMALL_BLOCKS = 1024  # bytes: vectors (64 B a row) make 16-row blocks, tokens (256 B) 4-row blocks,
+# extras/image_embeds (32 B) 32-row blocks, extras/text_embeds (48 B) 21-row blocks
 
 
 def _rows_of_block(row: int, row_bytes: int, block_bytes: int = SMALL_BLOCKS) -> str:
@@ -509,11 +566,12 @@ def blocky_store(tmp_path) -> Path:
 
 def test_a_clean_store_verifies_every_block(blocky_store, capsys):
     verdict = verify(blocky_store)
-    # Blocks of 16 vector rows, 1024 present rows, 4 token rows, 256 mask rows: all checked.
-    assert verdict.ok and verdict.blocks_checked == verdict.blocks_total == 25 + 1 + 100 + 2
+    # Blocks of 16 vector rows, 1024 present rows, 4 token rows, 256 mask rows, 32 and 21
+    # extras rows: all checked.
+    assert verdict.ok and verdict.blocks_checked == verdict.blocks_total == 25 + 1 + 100 + 2 + 13 + 20
     assert main(["info", str(blocky_store)]) == 0
     out = capsys.readouterr().out
-    assert "checksums    sha256 per 1024-byte block of rows: 128 of 128 blocks verified" in out
+    assert "checksums    sha256 per 1024-byte block of rows: 161 of 161 blocks verified" in out
     assert "every checksum verified" in out
     vec, pres, tok, msk = _expected()
     with FeatureStore.open(blocky_store) as store:
@@ -546,7 +604,7 @@ def test_flipped_vector_bytes_are_refused_by_every_reader_and_by_info(blocky_sto
     result = _info(blocky_store)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
     assert f"verdict      corrupt: checksum mismatch in vectors {where}" in result.stdout
-    assert "checksums    sha256 per 1024-byte block of rows: 127 of 128 blocks verified" in result.stdout
+    assert "checksums    sha256 per 1024-byte block of rows: 160 of 161 blocks verified" in result.stdout
 
 
 def test_flipped_token_bytes_are_refused_while_pooled_reads_go_on(blocky_store):
@@ -565,6 +623,47 @@ def test_flipped_token_bytes_are_refused_while_pooled_reads_go_on(blocky_store):
     assert result.returncode == 1 and f"verdict      corrupt: checksum mismatch in tokens {where}" in result.stdout
 
 
+def test_flipped_extras_bytes_are_refused_while_other_reads_go_on(blocky_store):
+    row = _flip(blocky_store, "extras/text_embeds")
+    where = _rows_of_block(row, EXTRAS["text_embeds"] * 4)
+    vec, _, tok, _ = _expected()
+    more = _expected_extras()
+    with FeatureStore.open(blocky_store) as store:
+        intact = store.load(tokens=True, extras=["image_embeds"])  # never touches the damaged dataset
+        assert intact.tokens.tobytes() == tok.tobytes() and intact.vectors.tobytes() == vec.tobytes()
+        assert intact.extras["image_embeds"].tobytes() == more["image_embeds"].tobytes()
+        for load in (lambda: store.load(extras=True), lambda: store.read_rows(0, ROWS, extras=["text_embeds"]),
+                     lambda: store.take_extra("text_embeds", [row]),
+                     lambda: store.take_extra("text_embeds", [0, row, 399])):
+            with pytest.raises(PipelineError, match=f"{blocky_store}: checksum mismatch in "
+                                                    f"extras/text_embeds {where}.*re-run extraction"):
+                load()
+        assert store.take_extra("text_embeds", [0, 399]).tobytes() == more["text_embeds"][[0, 399]].tobytes()
+    with pytest.raises(PipelineError, match=f"checksum mismatch in extras/text_embeds {where}"):
+        FeatureStore.open(blocky_store, in_memory=True)  # the whole store, extras included
+    verdict = verify(blocky_store)
+    assert verdict.status == "corrupt" and verdict.blocks_checked == verdict.blocks_total - 1
+    result = _info(blocky_store)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert f"verdict      corrupt: checksum mismatch in extras/text_embeds {where}" in result.stdout
+
+
+def test_extras_the_attributes_do_not_declare_are_refused(complete_store, tmp_path):
+    stray = tmp_path / "stray.h5"
+    shutil.copy(complete_store, stray)
+    with h5py.File(stray, "r+") as f:
+        f.create_dataset("extras/itm_score", data=np.zeros((ROWS, 1), np.float32))
+    gone = tmp_path / "gone.h5"
+    shutil.copy(complete_store, gone)
+    with h5py.File(gone, "r+") as f:
+        del f["extras/text_embeds"]
+    for path, what in ((stray, "has extras datasets its attributes do not declare: itm_score"),
+                       (gone, "missing datasets: extras/text_embeds")):
+        with pytest.raises(PipelineError, match=f"{what}.*re-run extraction"):
+            FeatureStore.open(path)
+        assert verify(path).status == "corrupt" and what in verify(path).detail
+
+
 def test_changed_ids_or_attributes_are_refused(complete_store, tmp_path):
     ids = tmp_path / "ids.h5"
     shutil.copy(complete_store, ids)
@@ -574,8 +673,13 @@ def test_changed_ids_or_attributes_are_refused(complete_store, tmp_path):
     shutil.copy(complete_store, attrs)
     with h5py.File(attrs, "r+") as f:
         f.attrs.modify("checkpoint", "tiny/kill-tesT")
+    widths = tmp_path / "widths.h5"  # extras declared otherwise: the datasets no longer fit either
+    shutil.copy(complete_store, widths)
+    with h5py.File(widths, "r+") as f:
+        f.attrs.modify("extras", '{"image_embeds":8}')
     for path, what in ((ids, "news_ids do not match their checksum"),
-                       (attrs, "root attributes do not match their checksum")):
+                       (attrs, "root attributes do not match their checksum"),
+                       (widths, "has extras datasets its attributes do not declare: text_embeds")):
         with pytest.raises(PipelineError, match=f"{what}.*re-run extraction"):
             FeatureStore.open(path)
         assert verify(path).status == "corrupt" and what in verify(path).detail
@@ -601,8 +705,8 @@ def test_a_store_written_before_checksums_is_refused_with_re_extract(complete_st
 def test_digests_do_not_depend_on_chunking_resume_or_a_failed_write(tmp_path, monkeypatch):
     reference = _write(tmp_path / "ref.h5", chunk=ROWS, block_bytes=SMALL_BLOCKS)
     path = tmp_path / "s.h5"
-    meta, ids = sw.make_meta(DIM, TOKENS), sw.make_ids(ROWS)
-    # Resumes land inside blocks (rows 13, 150, 151 are not multiples of 4 or 16).
+    meta, ids = sw.make_meta(DIM, TOKENS, extras=EXTRAS), sw.make_ids(ROWS)
+    # Resumes land inside blocks (rows 13, 150, 151 are not multiples of 4, 16, 21 or 32).
     for stop in (13, 150, 151, ROWS):
         with FeatureWriter(path, meta, ids, fsync=False, block_bytes=SMALL_BLOCKS) as writer:
             for start in range(writer.next_row, stop, 29):
@@ -618,28 +722,28 @@ def test_digests_do_not_depend_on_chunking_resume_or_a_failed_write(tmp_path, mo
 
                     monkeypatch.setattr(os, "pwrite", flaky)
                     with pytest.raises(StoreIOError):
-                        writer.write(*sw.make_rows(start, end, DIM, TOKENS))
+                        _put(writer, start, end)
                     monkeypatch.setattr(os, "pwrite", real)
-                writer.write(*sw.make_rows(start, end, DIM, TOKENS))
+                _put(writer, start, end)
             if stop == ROWS:
                 writer.finalize()
     assert _datasets(path) == _datasets(reference)
     assert verify(path).ok
     with pytest.raises(PipelineError, match="block_bytes: file has 1024, this run has 2048"):
         with FeatureWriter(tmp_path / "t.h5", meta, ids, fsync=False, block_bytes=SMALL_BLOCKS) as writer:
-            writer.write(*sw.make_rows(0, 10, DIM, TOKENS))
+            _put(writer, 0, 10)
         FeatureWriter(tmp_path / "t.h5", meta, ids, block_bytes=2 * SMALL_BLOCKS)
 
 
 def _write_shards(folder: Path, bounds: list[tuple[int, int]], rows: int = ROWS):
     from storage.shards import Shard, shard_path
 
-    meta, ids = sw.make_meta(DIM, TOKENS), sw.make_ids(rows)
+    meta, ids = sw.make_meta(DIM, TOKENS, extras=EXTRAS), sw.make_ids(rows)
     shards = []
     for k, (a, b) in enumerate(bounds):
         shard = Shard(k, len(bounds), a, b, shard_path(folder / "store.h5", k, len(bounds)))
         with FeatureWriter(shard.path, meta, ids[a:b], fsync=False, attrs=shard.attrs(rows)) as writer:
-            writer.write(*sw.make_rows(a, b, DIM, TOKENS))
+            _put(writer, a, b)
             writer.finalize()
         shards.append(shard)
     return meta, ids, shards
@@ -651,30 +755,33 @@ def test_merged_shards_equal_the_one_process_store_checksums_included(tmp_path, 
     meta, ids, shards = _write_shards(tmp_path, [(0, 150), (150, 301), (301, ROWS)])
     merged = merge_shards(tmp_path / "store.h5", shards, meta, ids, fsync=False, block_rows=64)
     assert _datasets(merged) == _datasets(complete_store) and verify(merged).ok
+    assert {f"extras/{n}" for n in EXTRAS} <= set(_datasets(merged))  # extras and their digests came along
 
 
-def test_a_damaged_shard_is_refused_by_the_merge(tmp_path):
+@pytest.mark.parametrize("damaged", ["tokens", "extras/image_embeds"])
+def test_a_damaged_shard_is_refused_by_the_merge(tmp_path, damaged):
     from storage.shards import merge_shards
 
     meta, ids, shards = _write_shards(tmp_path, [(0, 200), (200, ROWS)])
-    _flip(shards[1].path, "tokens")
+    _flip(shards[1].path, damaged)
     with pytest.raises(PipelineError) as err:
         merge_shards(tmp_path / "store.h5", shards, meta, ids, fsync=False)
     message = str(err.value)
     assert message.startswith("shard-01-of-02 (rows 200..399 of the store): ")
-    assert f"{shards[1].path}: checksum mismatch in tokens" in message and "re-run extraction" in message
+    assert f"{shards[1].path}: checksum mismatch in {damaged}" in message and "re-run extraction" in message
     assert not (tmp_path / "store.h5").exists()
 
 
 # --------------------------------------------------------------------------- pooled and lazy loads (issue 13)
 
 BIG_ROWS, BIG_DIM, BIG_TOKENS = 1000, 32, 64  # tokens 8 MB against vectors 128 kB (float32)
+BIG_EXTRAS = {"image_embeds": 256, "text_embeds": 256}  # 1 MB each
 
 
 @pytest.fixture(scope="module")
 def token_heavy_store(tmp_path_factory) -> Path:
     return _write(tmp_path_factory.mktemp("heavy") / "heavy.h5", rows=BIG_ROWS, chunk=250, token_len=BIG_TOKENS,
-                  dim=BIG_DIM)
+                  dim=BIG_DIM, extras=BIG_EXTRAS)
 
 
 def _bytes_read() -> int:
@@ -692,26 +799,36 @@ def _catalogue(rows: int):
     return SimpleNamespace(ids=np.array(sw.make_ids(rows), dtype=object), fingerprint=lambda: sw.FINGERPRINT)
 
 
-def test_a_pooled_load_reads_no_token_bytes(token_heavy_store):
+def test_a_pooled_load_reads_no_token_or_extras_bytes(token_heavy_store):
     from rankers.data import load_features
 
     tokens_size = BIG_ROWS * BIG_TOKENS * BIG_DIM * 4
     vectors_size = BIG_ROWS * BIG_DIM * 4
+    extras_size = BIG_ROWS * sum(BIG_EXTRAS.values()) * 4  # 2 MB: more than the slack below
+    slack = min(tokens_size, extras_size) // 10
     before = _bytes_read()
     with FeatureStore.open(token_heavy_store) as store:
         arrays = store.load(tokens=False)
     pooled = _bytes_read() - before
-    assert arrays.tokens is None and arrays.vectors.shape == (BIG_ROWS, BIG_DIM)
-    assert vectors_size <= pooled < vectors_size + tokens_size // 10, pooled
+    assert arrays.tokens is None and arrays.extras == {} and arrays.vectors.shape == (BIG_ROWS, BIG_DIM)
+    assert vectors_size <= pooled < vectors_size + slack, pooled
     before = _bytes_read()
     features = load_features(token_heavy_store, _catalogue(BIG_ROWS), tokens=False)
-    assert _bytes_read() - before < vectors_size + tokens_size // 10
-    assert features.tokens is None and features.mask is None
-    # The counter does see token reads: a full load passes every token byte.
+    assert _bytes_read() - before < vectors_size + slack
+    assert features.tokens is None and features.mask is None and features.extras == {}
+    # The counter does see token and extras reads: a full load passes every token byte, and
+    # extras when asked for them.
     before = _bytes_read()
     with FeatureStore.open(token_heavy_store) as store:
         store.load(tokens=True)
-    assert _bytes_read() - before >= tokens_size + vectors_size
+    assert tokens_size + vectors_size <= _bytes_read() - before < tokens_size + vectors_size + slack
+    before = _bytes_read()
+    features = load_features(token_heavy_store, _catalogue(BIG_ROWS), tokens=False, extras=True)
+    assert _bytes_read() - before >= vectors_size + extras_size
+    expected = _expected_extras(BIG_ROWS, BIG_EXTRAS)
+    assert features.extras.keys() == expected.keys()
+    assert all(features.extras[n].dtype == np.float32 and np.array_equal(features.extras[n], expected[n])
+               for n in expected)
 
 
 def test_lazy_tokens_are_a_verified_memmap_that_holds_no_copy(token_heavy_store, monkeypatch):

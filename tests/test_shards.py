@@ -1,5 +1,6 @@
-"""Sharded extraction: shard plans, shards merged to the single-process store, a shard killed
-mid-way resumed, refused merges, retried disk errors, and the flow on a 2-worker LocalCluster."""
+"""Sharded extraction: shard plans, shards merged to the single-process store (BLIP's extra
+vectors included), a shard killed mid-way resumed, refused merges, retried disk errors, and the
+flow on a 2-worker LocalCluster."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -73,15 +75,27 @@ def reference(catalogue, tmp_path_factory):
     features = tmp_path_factory.mktemp("single")
     result = extract(bert(catalogue, features), catalogue, features)
     with FeatureStore.open(result.path) as store:
-        return store.load()
+        return store.load(extras=True)
 
 
 def assert_same(path: Path, expected) -> None:
     assert verify(path).ok
     with FeatureStore.open(path) as store:
-        got = store.load()
+        got = store.load(extras=True)
     for name in FIELDS:
         assert np.array_equal(getattr(got, name), getattr(expected, name)), name
+    assert got.extras.keys() == expected.extras.keys()
+    for name in got.extras:
+        assert np.array_equal(got.extras[name], expected.extras[name]), name
+
+
+def raw_datasets(path: Path) -> dict[str, bytes]:
+    """Every numeric dataset's bytes, digest tables included, read by h5py alone."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.update({name: obj[()].tobytes()})
+                     if isinstance(obj, h5py.Dataset) and name != "news_ids" else None)
+    return out
 
 
 @settings(max_examples=300, deadline=None)
@@ -123,22 +137,28 @@ def test_two_shards_merge_to_the_single_process_store(catalogue, reference, tmp_
     assert merge_sharded(plan, catalogue).cached
 
 
-def test_image_shards_merge_to_the_single_process_store(catalogue, tmp_path):
-    head = 40  # vit over 40 news in 3 chunks: the DataLoader path, kept cheap
+@pytest.mark.parametrize("spec", ["vit", "blip"])
+def test_image_shards_merge_to_the_single_process_store(catalogue, tmp_path, spec):
+    head = 40  # 40 news in 3 chunks: the DataLoader path, kept cheap
     small = dataclasses.replace(catalogue, ids=catalogue.ids[:head], title=catalogue.title[:head],
                                 category=catalogue.category[:head], subcategory=catalogue.subcategory[:head],
                                 abstract=catalogue.abstract[:head], title_entities=catalogue.title_entities[:head],
                                 index={n: i for i, n in enumerate(catalogue.ids[:head])})
-    vit = create("vit")
-    single = extract(vit, small, tmp_path / "single")
+    extractor = create(spec, titles=[str(t) for t in small.title], workdir=tmp_path / "work")
+    single = extract(extractor, small, tmp_path / "single")
     with FeatureStore.open(single.path) as store:
-        expected = store.load()
+        expected = store.load(extras=True)
     assert 0 < int(expected.present.sum()) < head  # some covers, some title-only cards
-    plan = plan_sharded(vit, small, tmp_path / "sharded", 2, batch_size=BATCH, chunk_rows=CHUNK)
+    # BLIP keeps its unimodal embeddings beside the grounded vectors; ViT keeps none.
+    assert expected.extras.keys() == ({"image_embeds", "text_embeds"} if spec == "blip" else set())
+    plan = plan_sharded(extractor, small, tmp_path / "sharded", 2, batch_size=BATCH, chunk_rows=CHUNK)
+    assert plan.meta.extras == getattr(extractor, "extras", {})
     assert [(s.start, s.stop) for s in plan.shards] == [(0, 16), (16, 40)]
     for shard in plan.shards:
-        extract(vit, small, tmp_path / "sharded", shard)
-    assert_same(merge_sharded(plan, small).path, expected)
+        extract(extractor, small, tmp_path / "sharded", shard)
+    merged = merge_sharded(plan, small).path
+    assert_same(merged, expected)
+    assert raw_datasets(merged) == raw_datasets(single.path)  # byte for byte, digest tables included
 
 
 def test_killed_shard_resumes_and_the_complete_one_is_reused(catalogue, reference, tmp_path):
