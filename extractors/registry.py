@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from extractors.config import TINY
+
+PRETRAINED = "pretrained"
+"""The checkpoint keyword of a pretrainable extractor's tiny model pre-trained on the dataset."""
 from storage.errors import PipelineError
 
 ROLES = ("text", "image", "blip")
@@ -29,7 +32,9 @@ class ExtractorEntry:
 
     `constructor` is `module:function`, called as `fn(checkpoint, **options)`. `kind` names
     its checkpoints in messages ("text checkpoint ..."); `hub_prefix` is prepended to a bare
-    name when looking it up in the Hugging Face cache (timm keeps its models under `timm/`).
+    name when looking it up in the Hugging Face cache (timm keeps its models under `timm/`);
+    `pretrainable` extractors also take the checkpoint `pretrained` (`PRETRAINED`): their tiny
+    model pre-trained without labels on the dataset's own train news (runs.pretrain).
     """
 
     name: str
@@ -39,6 +44,7 @@ class ExtractorEntry:
     kind: str
     hub_prefix: str = ""
     examples: tuple[str, ...] = ()
+    pretrainable: bool = False  # `NAME:pretrained`: its tiny model pre-trained on the dataset (extractors.pretraining)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -65,14 +71,15 @@ def register(entry: ExtractorEntry) -> ExtractorEntry:
 register(ExtractorEntry(
     "bert", role="text", modality="text", constructor="extractors.text:create_bert", kind="text",
     examples=("bert-base-uncased", "distilbert-base-uncased", "sentence-transformers/all-MiniLM-L6-v2"),
+    pretrainable=True,
 ))
 register(ExtractorEntry(
     "vit", role="image", modality="image", constructor="extractors.vision:create_vit", kind="vision",
-    hub_prefix="timm/", examples=("vit_base_patch16_224", "google/vit-base-patch16-224"),
+    hub_prefix="timm/", examples=("vit_base_patch16_224", "google/vit-base-patch16-224"), pretrainable=True,
 ))
 register(ExtractorEntry(
     "blip", role="blip", modality="multimodal", constructor="extractors.blip:create_blip", kind="BLIP",
-    examples=("Salesforce/blip-itm-base-coco",),
+    examples=("Salesforce/blip-itm-base-coco",), pretrainable=True,
 ))
 
 

@@ -36,9 +36,11 @@ def build_flow():
     from prefect.states import Failed
 
     from flows.extract import extract_task
+    from flows.pretrain import pretrain_stage
     from flows.rank import rank_task
     from runs.compare import build_report, default_jobs, extractions, plan, thread_share
-    from runs.params import ExtractParams
+    from runs.params import ExtractParams, split_mode
+    from runs.pretrain import kinds_needed
     from runs.presets import get_preset, thesis_markdown
     from runs.render import render_markdown
     from runs.report import write_report
@@ -72,6 +74,11 @@ def build_flow():
         workspace = Workspace(params.storage)
         data = workspace.data_dir(params.data, params.scale, params.world_seed)
         planned = plan(params, data)
+        kinds = kinds_needed(split_mode(spec)[0] for run in planned for spec in run.params.features)
+        if kinds:  # the tiny encoders pre-trained on this data, when a run asks for them
+            folders = pretrain_stage(kinds, data, params.images, params.storage, params.progress, params.jobs)
+            if not isinstance(folders, dict):
+                return folders
         for spec, titles in extractions(planned):
             extract_params = ExtractParams(data=data, images=params.images, titles=titles, extractors=[spec],
                                            device=params.device, storage=params.storage, progress=params.progress,

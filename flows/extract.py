@@ -150,7 +150,9 @@ def build_flow():
     from prefect.artifacts import create_markdown_artifact
     from prefect.states import Failed
 
+    from flows.pretrain import pretrain_stage
     from runs.extract import summary_markdown
+    from runs.pretrain import kinds_needed
     from runs.workspace import Workspace
 
     extract_one = extract_task()
@@ -189,6 +191,11 @@ def build_flow():
     def extract(params: ExtractParams = ExtractParams()):
         workspace = Workspace(params.storage)
         data = workspace.data_dir(params.data, params.scale, params.world_seed)
+        kinds = kinds_needed(params.extractors)
+        if kinds:  # the tiny encoders pre-trained on this data, when asked for
+            folders = pretrain_stage(kinds, data, params.images, params.storage, params.progress)
+            if not isinstance(folders, dict):
+                return folders
         if params.shards > 1:
             rows = sharded(params.model_copy(update={"data": data}))
             if not isinstance(rows, list):

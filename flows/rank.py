@@ -46,6 +46,9 @@ def build_flow():
     from prefect.artifacts import create_markdown_artifact
     from prefect.states import Failed
 
+    from flows.pretrain import pretrain_stage
+    from runs.params import split_mode
+    from runs.pretrain import kinds_needed
     from runs.rank import format_outcome
     from runs.workspace import Workspace
 
@@ -53,7 +56,14 @@ def build_flow():
 
     @flow(name="rank")
     def rank(params: RankParams = RankParams()):
-        state = rank_one(params.ranker, params, Workspace(params.storage), return_state=True)
+        workspace = Workspace(params.storage)
+        kinds = kinds_needed(split_mode(spec)[0] for spec in params.features) if params.stores or params.finetune else []
+        if kinds:  # the tiny encoders pre-trained on this data, when asked for
+            data = workspace.data_dir(params.data, params.scale, params.world_seed)
+            folders = pretrain_stage(kinds, data, params.images, params.storage, params.progress)
+            if not isinstance(folders, dict):
+                return folders
+        state = rank_one(params.ranker, params, workspace, return_state=True)
         if state.is_failed():
             return Failed(message=state.message)
         outcome = state.result()

@@ -39,8 +39,13 @@ def prepare(params: RankParams) -> Path:
     from runs.rank import dataset, resolve_stores
     from runs.workspace import Workspace
 
+    from runs.params import split_mode
+    from runs.pretrain import ensure_pretrained, kinds_needed
+
     workspace = Workspace(params.storage)
     ds = dataset(params, workspace)
+    for kind in kinds_needed(split_mode(spec)[0] for spec in params.features):
+        ensure_pretrained(kind, ds.data, params.images, params.storage, params.progress)
     resolve_stores(params, workspace, ds)  # fine-tuning reads titles and images: no stores
     return ds.data
 
@@ -61,7 +66,9 @@ def follow(params: RankParams) -> None:
 
         folder = storage_path("models", run_name(params, ds.catalogue.name), storage=params.storage,
                               parameter="--run-name")
-        config = finetune_config(params, role_specs(params.features, params.fusion))
+        specs = {role: workspace.resolve(spec, ds.original if role == "image" else ds.catalogue)
+                 for role, spec in role_specs(params.features, params.fusion).items()}
+        config = finetune_config(params, specs)
         FineTuneRanker(ds.catalogue, config, device=params.device, progress=False).fit(
             train, valid, checkpoint_dir=folder / CHECKPOINTS)
         return

@@ -96,8 +96,14 @@ def check_checkpoint(spec: str, pooling: str | None = None) -> None:
     extractor reads, and takes `pooling` (extractors.checkpoints.ensure_available: files and
     JSON only, no model is loaded)."""
     from extractors.checkpoints import ensure_available
+    from extractors.registry import PRETRAINED
 
     name, checkpoint = parse_spec(split_mode(spec)[0])
+    if checkpoint == PRETRAINED:  # made (or found) in the storage root when the run starts
+        from runs.pretrain import check_pretrainable
+
+        _as_value_error(lambda: check_pretrainable(name))
+        return
     _as_value_error(lambda: ensure_available(name, checkpoint, pooling=pooling))
 
 
@@ -199,6 +205,33 @@ class ExtractParams(BaseModel):
             raise ValueError("--scheduler needs --shards 2 or more (the shards are what the cluster's workers run)")
         if self.device == "cuda":
             _as_value_error(lambda: _require_cuda())
+        return self
+
+
+class PretrainParams(BaseModel):
+    """`python -m flows.pretrain`: the tiny encoders pre-trained on the dataset's train news."""
+
+    data: Path | None = None
+    images: Path | None = None
+    extractors: list[Literal["bert", "vit", "blip"]] = Field(default_factory=lambda: ["bert", "vit", "blip"],
+                                                           min_length=1)
+    jobs: int | None = Field(None, ge=1, le=64)  # None: one per core
+    storage: Path | None = None
+    scale: Scale = "small"
+    world_seed: int = Field(0, ge=0)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _plan(self) -> PretrainParams:
+        from runs.pretrain import check_pretrainable
+
+        for name in self.extractors:
+            _as_value_error(lambda: check_pretrainable(name))
+        check_inputs(self.data, self.images, None, splits=())
+        if self.data is not None and not (self.data / "train" / "news.tsv").is_file() \
+                and not (self.data / "news.tsv").is_file():
+            raise ValueError(f"data folder {self.data} holds no train/news.tsv; pre-training reads the train "
+                             "split's news: pass the MIND folder")
         return self
 
 

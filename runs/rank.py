@@ -188,13 +188,15 @@ def _fit_on_stores(params: RankParams, workspace: Workspace, ds: Dataset, train,
     return ranker, ranker.fit(train, valid, features), {role: ref.record() for role, ref in refs.items()}
 
 
-def _fit_finetuned(params: RankParams, ds: Dataset, train, valid, folder: Path, storage):
+def _fit_finetuned(params: RankParams, workspace: Workspace, ds: Dataset, train, valid, folder: Path, storage):
     """(ranker, fit report, stores, config) of PLM-NR (or MTRec) fine-tuned end to end,
     checkpointed into `folder/checkpoints`, with its fine-tuned stores exported."""
     from rankers.finetune import FineTuneRanker
     from storage.features import FeatureStore
 
-    config = finetune_config(params, role_specs(params.features, params.fusion))
+    specs = {role: workspace.resolve(spec, ds.original if role == "image" else ds.catalogue)
+             for role, spec in role_specs(params.features, params.fusion).items()}
+    config = finetune_config(params, specs)
     ranker = FineTuneRanker(ds.catalogue, config, device=params.device, progress=params.progress)
     checkpoints = folder / CHECKPOINTS
     try:
@@ -223,7 +225,7 @@ def run_rank(params: RankParams, workspace: Workspace | None = None) -> RankOutc
     folder = run_folder(params, name)
     record: dict = {}
     if params.finetune:
-        ranker, report, stores, config = _fit_finetuned(params, ds, train, valid, folder, params.storage)
+        ranker, report, stores, config = _fit_finetuned(params, workspace, ds, train, valid, folder, params.storage)
         record["finetune"] = {"config": config.to_dict(), "checkpoints": str(folder / CHECKPOINTS),
                               "resumed_from_epoch": ranker.resumed_from}
     else:

@@ -159,6 +159,7 @@ class Workspace:
         """The complete store of extractor `spec` over `catalogue`: found, or (frozen only)
         extracted with `options`. A fine-tuned store must exist (flows.rank --finetune writes it)."""
         key = ("store", spec, mode, tokens, id(catalogue))
+        spec = self.resolve(spec, catalogue)
 
         def resolve() -> StoreRef:
             found = find_store(spec, catalogue, self.features_dir(), tokens=tokens, mode=mode)
@@ -179,16 +180,30 @@ class Workspace:
 
         return self._once(key, resolve)
 
+    def resolve(self, spec: str, catalogue) -> str:
+        """`NAME:pretrained` as the folder of its pre-trained model for this catalogue's data
+        (runs.pretrain); any other spec as it is."""
+        from runs.pretrain import is_pretrained, resolve_spec
+
+        if not is_pretrained(spec):
+            return spec
+        images = catalogue.image_dir
+        return self._once(("pretrained", spec, str(catalogue.root), str(images)),
+                          lambda: resolve_spec(spec, catalogue.root, images, self.storage))
+
     def extract(self, spec: str, catalogue, options: ExtractOptions) -> StoreRef:
         """The frozen store of `spec` made with exactly `options` (extracted, resumed or reused
         by extractors.run); later `store()` lookups of it in this workspace get it at once."""
         from runs.extract import extract_store
 
+        unresolved = spec
+        spec = self.resolve(spec, catalogue)
         ref = self._once(("extract", spec, options, id(catalogue)),
                          lambda: extract_store(spec, catalogue, self.features_dir(), options))
         with self._guard:
             for tokens in (False, True) if options.tokens else (False,):
-                self._items.setdefault(("store", spec, "frozen", tokens, id(catalogue)), ref)
+                for name in {spec, unresolved}:
+                    self._items.setdefault(("store", name, "frozen", tokens, id(catalogue)), ref)
         return ref
 
     def features(self, ref: StoreRef, catalogue, *, tokens: bool = False, name: str | None = None):
