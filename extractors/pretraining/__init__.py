@@ -125,8 +125,9 @@ def pretrain_digest(
 
     from extractors.pretraining.corpus import load_corpus
 
-    config = config or default_config(kind)
-    identity = _identity(kind, load_corpus(data_dir, images_dir), config, seed, _text_init(kind, text_init))
+    corpus = load_corpus(data_dir, images_dir)
+    config = (config or default_config(kind)).sized(len(corpus.ids))
+    identity = _identity(kind, corpus, config, seed, _text_init(kind, text_init))
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -165,11 +166,10 @@ def pretrain(
     config = config or default_config(kind)
     if not isinstance(config, _config_class(kind)):
         raise PipelineError(f"config for {kind} must be a {_config_class(kind).__name__}, got {type(config).__name__}")
-    if steps is not None:
-        config = replace(config, steps=int(steps))
-    config.check()
     out = Path(out_dir).expanduser().resolve()
     corpus = load_corpus(data_dir, images_dir)
+    config = replace(config, steps=int(steps), epochs=0.0) if steps is not None else config.sized(len(corpus.ids))
+    config.check()
     init = _text_init(kind, text_init)
     identity = _identity(kind, corpus, config, seed, init)
     if check_out(out, identity):

@@ -45,6 +45,7 @@ SIDE = TINY_BLIP_IMAGE[0]  # the tiny BLIP sees the card squeezed to SIDE x SIDE
 class BlipPretrainConfig(PretrainConfig):
     steps: int = 250
     batch_size: int = 64
+    epochs: float = 8.0  # the small world: the 250 steps; the tiny world: 33
     lr: float = 2e-3
     warmup_steps: int = 25
     temperature: float = 0.07

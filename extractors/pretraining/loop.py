@@ -25,7 +25,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,6 +53,17 @@ class PretrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     checkpoint_every: int = 50
+    epochs: float = 0.0  # > 0: at most this many passes over the corpus (`sized`); `steps` stays the cap
+
+    def sized(self, news: int) -> PretrainConfig:
+        """This config for a corpus of `news` news: `steps` cut to `epochs` passes where that is
+        fewer (a tiny world needs a tenth of the small world's steps to see its news as often),
+        the warm-up cut to a fifth of the steps. Unchanged with `epochs` 0."""
+        if self.epochs <= 0:
+            return self
+        steps = max(1, min(self.steps, math.ceil(self.epochs * news / self.batch_size)))
+        return replace(self, steps=steps, warmup_steps=min(self.warmup_steps, steps // 5),
+                       checkpoint_every=min(self.checkpoint_every, steps))
 
     def check(self) -> None:
         problems = []

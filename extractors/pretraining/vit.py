@@ -43,6 +43,7 @@ ARCHITECTURE = "vit_tiny_patch16_224"  # timm's constructor; model_args set the 
 class VitPretrainConfig(PretrainConfig):
     steps: int = 250
     batch_size: int = 64
+    epochs: float = 8.0  # the small world: the 250 steps; the tiny world: 33
     lr: float = 3e-3
     warmup_steps: int = 25
     mask_ratio: float = 0.75
