@@ -106,6 +106,7 @@ def build_flow():
 def build_parser() -> argparse.ArgumentParser:
     from rankers.fusion import available as fusions
     from rankers.registry import baseline_rankers, trained_rankers
+    from runs.params import DEFAULT_EXTRACTORS
     from runs.presets import PRESETS
 
     p = argparse.ArgumentParser(
@@ -113,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The main job: text-only against multimodal news recommendation on the same dev impressions, "
         "with bootstrap intervals, paired differences and slices, written as report.md, report.html, metrics.json "
         "and plots under <storage>/reports/<name>/. Without --data it runs on the synthetic small world with the "
-        "tiny extractors.",
+        "tiny extractors pre-trained on its train news (pre-trained first when missing).",
         epilog="Presets: plm-nr (NRMS over frozen BERT; PLM-NR: NRMS + BERT fine-tuned; + DistilBERT with --distil), "
         "mtrec (fine-tuned BERT, MTRec, MTRec without category / NER / surgery), zhao2024 (the thesis's four "
         "experiments with random, its table in thesis.md with our intervals). With the tiny default extractors "
@@ -129,9 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--titles", type=Path, metavar="FILE",
                    help="news_id<TAB>title file (GENRE's enhanced titles): every run that reads titles gets a twin "
                    "over them, labelled '· enhanced titles' and paired with its original")
-    p.add_argument("--text", default="bert", metavar="bert[:CKPT]", help="text extractor (default bert:tiny)")
-    p.add_argument("--image", default="vit", metavar="vit[:CKPT]", help="image extractor (default vit:tiny)")
-    p.add_argument("--blip", default="blip", metavar="blip[:CKPT]", help="multimodal extractor (default blip:tiny)")
+    p.add_argument("--text", default=DEFAULT_EXTRACTORS[0], metavar="bert[:CKPT]",
+                   help=f"text extractor (default {DEFAULT_EXTRACTORS[0]}: the tiny BERT pre-trained on this data's "
+                   "train news, see flows.pretrain; bert:tiny is the random one)")
+    p.add_argument("--image", default=DEFAULT_EXTRACTORS[1], metavar="vit[:CKPT]",
+                   help=f"image extractor (default {DEFAULT_EXTRACTORS[1]})")
+    p.add_argument("--blip", default=DEFAULT_EXTRACTORS[2], metavar="blip[:CKPT]",
+                   help=f"multimodal extractor (default {DEFAULT_EXTRACTORS[2]})")
     p.add_argument("--distil", metavar="bert:CKPT", help="plm-nr: the DistilBERT to fine-tune as well")
     p.add_argument("--rankers", help=f"comma-separated: {', '.join(trained_rankers())} (default nrms,lightgbm; "
                    "not with --preset)")

@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m flows.extract",
         description="Encode every news title and IM-MIND card with frozen extractors into HDF5 feature stores "
         "(<storage>/features/<dataset>__<extractor>-<checkpoint>__frozen.h5). Without --data it uses the "
-        "synthetic small world (generated on first use); without --extractor it runs bert, vit and blip, all tiny.",
+        "synthetic small world (generated on first use); without --extractor it runs bert, vit and blip pre-trained "
+        "on the dataset's train news (bert:pretrained ..., pre-trained first when missing).",
         epilog="Examples: python -m flows.extract --extractor bert --extractor vit:vit_base_patch16_224 --device cuda; "
         "python -m flows.extract --data ~/MIND-small --images ~/IM-MIND --extractor bert:/models/bert-base-uncased",
     )
@@ -231,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "stores are named after the dataset plus -enhanced-<hash>, beside the original titles' stores")
     p.add_argument(
         "--extractor", action="append", dest="extractors", metavar="NAME[:CHECKPOINT]",
-        help=f"{', '.join(available())}; CHECKPOINT is tiny (default), a Hugging Face/timm name in the local cache, "
-        "or a local directory. Repeat for several (default: bert vit blip)",
+        help=f"{', '.join(available())}; CHECKPOINT is pretrained (the tiny model pre-trained on this data, see "
+        "flows.pretrain), tiny (random weights), a Hugging Face/timm name in the local cache, or a local directory. "
+        "Repeat for several (default: bert:pretrained vit:pretrained blip:pretrained)",
     )
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when available")
     p.add_argument("--batch-size", type=int, default=64, help="news per forward pass (default 64)")

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(GENRE's enhanced titles); the dataset becomes <dataset>-enhanced-<hash> in store and run names")
     p.add_argument("--features", action="append", metavar="NAME[:CKPT][@finetuned][,...]",
                    help=f"extractors whose stores feed the ranker ({', '.join(extractors())}), comma-separated or "
-                   "repeated (default: bert). NAME@finetuned reads the store a --finetune run exported instead of the "
+                   "repeated (default: bert:pretrained, the tiny BERT pre-trained on this data). NAME@finetuned reads the store a --finetune run exported instead of the "
                    "frozen one. With --finetune: the extractors to fine-tune")
     p.add_argument("--fusion", choices=fusions(), default="text",
                    help="how the feature roles combine into one news vector (a single source, or text and image "

@@ -39,6 +39,9 @@ BaselineName = Literal[tuple(baseline_rankers())]  # type: ignore[valid-type]
 STORE_MODES = ("frozen", "finetuned")
 FINETUNE_ROLES = ("text", "image")
 DEFAULT_RANKERS = ("nrms", "lightgbm")
+# The embedded default: the tiny encoders pre-trained on the dataset's own train news (runs.pretrain),
+# the analogue of the pre-trained BERT and ViT users bring to real data; `tiny` (random) is for tests.
+DEFAULT_EXTRACTORS = ("bert:pretrained", "vit:pretrained", "blip:pretrained")
 FROZEN_EPOCHS = 10  # NRMS over stores: at most, with early stopping
 FINETUNE_EPOCHS = 3  # as published for NRMS+BERT (and the library's default)
 
@@ -156,7 +159,7 @@ class ExtractParams(BaseModel):
     data: Path | None = None
     images: Path | None = None
     titles: Path | None = None
-    extractors: list[str] = Field(default_factory=lambda: ["bert", "vit", "blip"], min_length=1)
+    extractors: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTRACTORS), min_length=1)
     device: Device = "auto"
     batch_size: int = Field(64, ge=1, le=8192)
     workers: int | None = Field(None, ge=0, le=64)  # None: extractors.run.default_workers(device)
@@ -258,7 +261,7 @@ class RankParams(BaseModel):
     data: Path | None = None
     images: Path | None = None
     titles: Path | None = None
-    features: list[str] = Field(default_factory=lambda: ["bert"], min_length=1)
+    features: list[str] = Field(default_factory=lambda: [DEFAULT_EXTRACTORS[0]], min_length=1)
     fusion: FusionName = "text"
     ranker: RankerName = "nrms"
     device: Device = "auto"
@@ -401,9 +404,9 @@ class CompareParams(BaseModel):
     images: Path | None = None
     titles: Path | None = None
     preset: Literal["plm-nr", "mtrec", "zhao2024"] | None = None
-    text: str = "bert"
-    image: str = "vit"
-    blip: str = "blip"
+    text: str = DEFAULT_EXTRACTORS[0]
+    image: str = DEFAULT_EXTRACTORS[1]
+    blip: str = DEFAULT_EXTRACTORS[2]
     distil: str | None = None  # plm-nr's DistilBERT, e.g. bert:distilbert-base-uncased
     rankers: list[TrainedRanker] = Field(default_factory=lambda: list(DEFAULT_RANKERS), min_length=1)
     sources: list[FusionName] = Field(default_factory=lambda: ["text", "image", "hadamard", "blip"], min_length=1)

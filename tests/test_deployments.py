@@ -23,7 +23,8 @@ PREFECT = [sys.executable, "-m", "prefect"]
 POOL = "mmnews"
 REPORT = "deployed-tiny"
 # The compare run, kept cheap: one ranker, two sources, one baseline, few resamples.
-PARAMS = {"scale": "tiny", "rankers": ["lightgbm"], "sources": ["text", "hadamard"], "baselines": ["random"],
+PARAMS = {"scale": "tiny", "text": "bert", "image": "vit", "rankers": ["lightgbm"], "sources": ["text", "hadamard"],
+          "baselines": ["random"],
           "n_boot": 100, "name": REPORT, "progress": False}
 
 

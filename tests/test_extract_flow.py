@@ -37,7 +37,7 @@ def test_flow_writes_three_complete_stores_and_reruns_from_cache(world, tmp_path
     from flows.extract import ExtractParams, build_flow
 
     flow = build_flow()
-    params = ExtractParams(data=world, storage=tmp_path, progress=False)
+    params = ExtractParams(data=world, extractors=["bert", "vit", "blip"], storage=tmp_path, progress=False)
     rows = flow(params)
     assert [r["extractor"] for r in rows] == ["bert:tiny", "vit:tiny", "blip:tiny"]
     catalogue = load_catalogue(world)

@@ -28,7 +28,7 @@ def storage(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tuned(tiny_world, storage):
-    params = RankParams(data=tiny_world, finetune=True, epochs=1, storage=storage, progress=False)
+    params = RankParams(data=tiny_world, finetune=True, features=["bert"], epochs=1, storage=storage, progress=False)
     return params, run_rank(params)
 
 
@@ -81,7 +81,7 @@ def test_lightgbm_reads_the_finetuned_store(tiny_world, storage, tuned):
 
 
 def test_mtrec_ablation_switches_reach_the_training(tiny_world, tmp_path):
-    params = RankParams(data=tiny_world, finetune=True, mtrec=True, surgery=False, ner=False, epochs=1,
+    params = RankParams(data=tiny_world, finetune=True, features=["bert"], mtrec=True, surgery=False, ner=False, epochs=1,
                         storage=tmp_path, progress=False)
     outcome = run_rank(params)
     assert Path(outcome.folder).name == "tiny__mtrec-no-ner-no-surgery__text__bert"
@@ -92,7 +92,7 @@ def test_mtrec_ablation_switches_reach_the_training(tiny_world, tmp_path):
 
 def test_finetune_config_scales(tiny_world, monkeypatch):
     monkeypatch.setattr("runs.params.check_checkpoint", lambda spec: None)  # /models/bert-base is not here
-    tiny = finetune_config(RankParams(finetune=True), {"text": "bert"})
+    tiny = finetune_config(RankParams(finetune=True, features=["bert"]), {"text": "bert"})
     assert (tiny.ranker.dim, tiny.ranker.lr, tiny.accumulate, tiny.ranker.epochs) == (32, 3e-3, 1, 3)
     real = finetune_config(RankParams(finetune=True, features=["bert:/models/bert-base"]),
                            {"text": "bert:/models/bert-base"})
@@ -128,7 +128,7 @@ def test_finetune_with_enhanced_titles_trains_on_them(tiny_world, tmp_path):
     cat = load_catalogue(tiny_world)
     titles = tmp_path / "titles.tsv"
     titles.write_text("".join(f"{n}\t{c} {t}\n" for n, t, c in zip(cat.ids, cat.title, cat.category)))
-    outcome = run_rank(RankParams(data=tiny_world, finetune=True, titles=titles, epochs=1, storage=tmp_path,
+    outcome = run_rank(RankParams(data=tiny_world, finetune=True, features=["bert"], titles=titles, epochs=1, storage=tmp_path,
                                   progress=False))
     enhanced = load_catalogue(tiny_world, titles=titles)
     assert Path(outcome.folder).name == f"{enhanced.name}__nrms-finetune__text__bert" and outcome.titles == str(titles)

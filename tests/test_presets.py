@@ -36,7 +36,7 @@ def _by_label(runs):
 
 
 def test_zhao2024_plans_the_four_experiments_with_random(tiny_world):
-    runs = _by_label(plan(CompareParams(data=tiny_world, preset="zhao2024"), tiny_world))
+    runs = _by_label(plan(CompareParams(data=tiny_world, preset="zhao2024", text="bert", image="vit", blip="blip"), tiny_world))
     assert list(runs) == [EXP1, EXP2, EXP3, EXP4, FROZEN_TEXT, "random"]
     frozen_blip, frozen_fused, tuned_fused, tuned_text = (runs[e].params for e in (EXP1, EXP2, EXP3, EXP4))
     assert (frozen_blip.fusion, frozen_blip.finetune, frozen_blip.tokens) == ("blip", False, True)
@@ -65,12 +65,12 @@ def test_real_checkpoints_get_the_published_hyperparameters(tiny_world, monkeypa
     frozen = runs["nrms · bert (frozen)"].params
     assert frozen.epochs == 4 and frozen.tokens and not frozen.finetune
     # Without --distil the DistilBERT run is left out.
-    assert "plm-nr · distilbert (fine-tuned)" not in _by_label(plan(CompareParams(data=tiny_world, preset="plm-nr"),
+    assert "plm-nr · distilbert (fine-tuned)" not in _by_label(plan(CompareParams(data=tiny_world, preset="plm-nr", text="bert", image="vit", blip="blip"),
                                                                     tiny_world))
 
 
 def test_mtrec_plans_each_ablation(tiny_world):
-    runs = _by_label(plan(CompareParams(data=tiny_world, preset="mtrec", baselines=[]), tiny_world))
+    runs = _by_label(plan(CompareParams(data=tiny_world, preset="mtrec", baselines=[], text="bert", image="vit", blip="blip"), tiny_world))
     switches = {label: (r.params.mtrec, r.params.category, r.params.ner, r.params.surgery) for label, r in runs.items()}
     assert switches == {
         TUNED_BERT: (False, True, True, True),
@@ -85,7 +85,7 @@ def test_mtrec_plans_each_ablation(tiny_world):
 def test_titles_add_a_paired_twin_of_every_run_that_reads_titles(tiny_world, tmp_path):
     titles = tmp_path / "titles.tsv"
     titles.touch()
-    params = CompareParams(data=tiny_world, rankers=["lightgbm"], sources=["text", "image", "hadamard"],
+    params = CompareParams(data=tiny_world, rankers=["lightgbm"], sources=["text", "image", "hadamard"], text="bert", image="vit", blip="blip", 
                            baselines=["random"], titles=titles)
     runs = _by_label(plan(params, tiny_world))
     assert list(runs) == ["lightgbm · text", "lightgbm · image", "lightgbm · text+image (hadamard)", "random",
@@ -113,7 +113,8 @@ def _run(tiny_world, storage, preset: str, **options) -> tuple[Path, dict]:
     from flows.compare import build_flow
 
     params = CompareParams(data=tiny_world, preset=preset, storage=storage, epochs=1, finetune_epochs=1, n_boot=200,
-                           name=preset, progress=False, **options)
+                           **{"text": "bert", "image": "vit", "blip": "blip", **options},
+                           name=preset, progress=False)
     result = build_flow()(params)
     folder = Path(result["folder"])
     for name in ("report.md", "report.html", "metrics.json", "metrics.png"):

@@ -63,7 +63,7 @@ def test_compare_flow_writes_every_report_file(world, tmp_path, prefect_harness)
     from runs.params import CompareParams
 
     params = CompareParams(
-        data=world, storage=tmp_path, epochs=2, n_boot=200, name="tiny-report", progress=False,
+        data=world, storage=tmp_path, epochs=2, n_boot=200, name="tiny-report", progress=False, text="bert", image="vit", blip="blip",
         sources=["text", "image", "hadamard", "blip"],
     )
     result = build_flow()(params)

@@ -58,7 +58,7 @@ def test_one_comparison_parses_each_file_once_and_fingerprints_each_catalogue_on
                         lambda self: fingerprints.append(self.name) or real_digest(self))
 
     # One job: every run in this process (with more, each run's process loads its data once).
-    params = CompareParams(data=tiny_world, rankers=["lightgbm", "nrms"], sources=["text", "hadamard"], jobs=1,
+    params = CompareParams(data=tiny_world, rankers=["lightgbm", "nrms"], sources=["text", "hadamard"], jobs=1, text="bert", image="vit", blip="blip", 
                            epochs=1, n_boot=100, storage=tmp_path, name="once", progress=False)
     result = build_flow()(params)
     assert len(result["report"].runs) == 7  # 2 rankers x 2 sources + 3 baselines
@@ -299,7 +299,7 @@ def test_a_comparison_over_seeds_reports_every_seed(tiny_world, tmp_path, prefec
 
     from flows.compare import build_flow
 
-    params = CompareParams(data=tiny_world, rankers=["nrms"], sources=["text", "hadamard"], baselines=["popularity"],
+    params = CompareParams(data=tiny_world, rankers=["nrms"], sources=["text", "hadamard"], baselines=["popularity"], text="bert", image="vit", blip="blip", 
                            seeds=2, seed=3, jobs=2, epochs=2, n_boot=100, storage=tmp_path, name="seeds",
                            progress=False)
     result = build_flow()(params)
@@ -313,3 +313,23 @@ def test_a_comparison_over_seeds_reports_every_seed(tiny_world, tmp_path, prefec
             assert (tmp_path / "models" / f"tiny__nrms__{name.split(' · ')[1].split(' ')[0].replace('text+image', 'hadamard')}__bert{'+vit' if 'image' in name else ''}__seed{s}").is_dir()
     assert runs["popularity"].get("seeds") is None  # a deterministic baseline runs once
     assert "two-level bootstrap" in " ".join(report["notes"])
+
+
+def test_pretrained_checkpoints_resolve_to_their_folder_and_are_reused(tiny_world, tmp_path):
+    from runs.pretrain import ensure_pretrained, folder_of, kinds_needed
+    from runs.rank import run_rank
+
+    assert kinds_needed(["blip:pretrained", "vit", "bert:x"]) == ["bert", "blip"]  # BLIP starts from the BERT
+    assert folder_of("bert", tiny_world, None, tmp_path) is not None
+    with pytest.raises(Exception, match="not pre-trained yet; run python -m flows.pretrain"):
+        run_rank(RankParams(data=tiny_world, ranker="lightgbm", features=["bert:pretrained"], storage=tmp_path,
+                            progress=False))
+    folder = ensure_pretrained("bert", tiny_world, None, tmp_path, progress=False)
+    assert folder.parent == tmp_path / "models" / "pretrained" and (folder / "model.safetensors").is_file()
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert ensure_pretrained("bert", tiny_world, None, tmp_path, progress=False) == folder  # cached
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    outcome = run_rank(RankParams(data=tiny_world, ranker="lightgbm", features=["bert:pretrained"], storage=tmp_path,
+                                  progress=False))
+    assert outcome.stores["text"]["extractor"] == f"bert:{folder}"
+    assert Path(outcome.folder).name == "tiny__lightgbm__text__bert-pretrained"
