@@ -106,7 +106,7 @@ def build_flow():
 def build_parser() -> argparse.ArgumentParser:
     from rankers.fusion import available as fusions
     from rankers.registry import baseline_rankers, trained_rankers
-    from runs.params import DEFAULT_EXTRACTORS
+    from runs.params import DEFAULT_EXTRACTORS, DEFAULT_SOURCES
     from runs.presets import PRESETS
 
     p = argparse.ArgumentParser(
@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distil", metavar="bert:CKPT", help="plm-nr: the DistilBERT to fine-tune as well")
     p.add_argument("--rankers", help=f"comma-separated: {', '.join(trained_rankers())} (default nrms,lightgbm; "
                    "not with --preset)")
-    p.add_argument("--sources", help=f"comma-separated fusions: {', '.join(fusions())} (default text,image,hadamard,"
-                   "blip; not with --preset); each ranker trains on the ones it supports (rankers/registry.py)")
+    p.add_argument("--sources", help=f"comma-separated fusions: {', '.join(fusions())} (default "
+                   f"{','.join(DEFAULT_SOURCES)}; not with --preset); each ranker trains on the ones it supports "
+                   "(rankers/registry.py). text+cover knows only whether a news has a cover: text+image runs are "
+                   "paired with it (does the content help?), it with text (does having a cover help?)")
     p.add_argument("--baselines", help=f"comma-separated: {', '.join(baseline_rankers())} (default all three, oracle "
                    "only on the synthetic world; a preset's own: zhao2024 random)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

@@ -5,8 +5,10 @@ layers=...)` on `fn(v, layers) -> (B, d)`, where `v` maps each role to its (B, d
 vectors and `layers` holds the learned layers the entry declares (each `Linear(d, d)`,
 built by `create_fusion`). The registry and the entries import no torch, so flows list,
 validate and label fusions without loading it; an unknown or duplicate name raises with
-the list of known names. Every fusion declares the roles it needs (`text`, `image`,
-`blip`: rankers.base.ROLES) and maps {role: (B, d)} to (B, d).
+the list of known names. Every fusion declares the roles it needs, among FEATURE_ROLES: the
+extractor roles `text`, `image`, `blip` (a store's vectors) and `cover` (whether the news has a
+cover image at all, a 1-wide flag from the catalogue, never an image's content), and maps
+{role: (B, d)} to (B, d).
 
 - `text`, `image`, `blip`: a single source, passed through (the news encoder already ends
   at width d).
@@ -14,6 +16,9 @@ the list of known names. Every fusion declares the roles it needs (`text`, `imag
   so a text direction only counts where the image agrees.
 - `concat`: a linear map of [t; i] to d, written as A t + B i + b (the same map).
 - `gated`: g = sigmoid(A t + B i + b); g * t + (1 - g) * i, a learned per-dimension mix.
+- `text+cover`: the text vector plus a learned embedding of the cover flag (its news encoder
+  maps the flag to d): the control arm that knows THAT a news has a cover and nothing of what
+  it shows, so "having a cover helps" and "the cover's content helps" are separate questions.
 Letters: B news, d width.
 """
 
@@ -28,6 +33,10 @@ from storage.errors import PipelineError
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
+
+COVER = "cover"
+"""The role of the cover flag: (N, 1) 1.0 where the news has a cover image, from the catalogue."""
+FEATURE_ROLES = (*ROLES, COVER)
 
 
 @dataclass(frozen=True)
@@ -57,9 +66,9 @@ def register(name: str, *, roles: tuple[str, ...], label: str | None = None,
     def deco(fn: Callable) -> Callable:
         if name in _FUSIONS:
             raise ValueError(f"fusion {name!r} is registered twice; known: {', '.join(_FUSIONS)}")
-        unknown = [r for r in roles if r not in ROLES]
+        unknown = [r for r in roles if r not in FEATURE_ROLES]
         if not roles or unknown:
-            raise ValueError(f"fusion {name!r} declares roles {roles}; each must be one of {', '.join(ROLES)}")
+            raise ValueError(f"fusion {name!r} declares roles {roles}; each must be one of {', '.join(FEATURE_ROLES)}")
         _FUSIONS[name] = FusionEntry(name, tuple(roles), label or name, fn, dict(layers or {}))
         return fn
 
@@ -106,6 +115,11 @@ def _passthrough(role: str) -> Callable:
 
 for _role in ROLES:
     register(_role, roles=(_role,))(_passthrough(_role))
+
+
+@register("text+cover", roles=("text", COVER), label="text+cover")
+def text_and_cover(v: Mapping[str, Tensor], layers: Mapping[str, nn.Module]) -> Tensor:
+    return v["text"] + v[COVER]  # (B, d): the flag's embedding added to the news vector
 
 
 @register("hadamard", roles=("text", "image"), label="text+image (hadamard)",

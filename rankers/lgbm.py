@@ -74,18 +74,24 @@ EVAL_AT = 10
 
 
 
-def mirror_fusion(fusion: str) -> tuple[tuple[str, ...], str]:
-    """(sources, fuse) of the LGBMConfig that mirrors rankers.fusion's `fusion`: its roles,
-    and the Hadamard product when the fusion is `hadamard`. Which fusions LightGBM trains on
-    is its entry in rankers.registry."""
-    from rankers.fusion import roles_of
+def mirror_fusion(fusion: str) -> dict[str, Any]:
+    """The LGBMConfig fields that mirror rankers.fusion's `fusion`: `sources` its store roles,
+    `fuse` the Hadamard product when the fusion is `hadamard`, and for a fusion with the cover
+    flag (`text+cover`) `cover_feature` True (the flag comes as `has_cover`). Which fusions
+    LightGBM trains on is its entry in rankers.registry."""
+    from rankers.fusion import COVER, roles_of
     from rankers.registry import ranker_entry
 
     entry = ranker_entry("lightgbm")
     if not entry.supports(fusion):
         raise PipelineError(f"LightGBM cannot mirror fusion {fusion!r}; known to LightGBM: "
                             f"{', '.join(entry.supported_fusions())}")
-    return roles_of(fusion), "hadamard" if fusion == "hadamard" else "none"
+    roles = roles_of(fusion)
+    fields: dict[str, Any] = {"sources": tuple(r for r in roles if r != COVER),
+                              "fuse": "hadamard" if fusion == "hadamard" else "none"}
+    if COVER in roles:
+        fields["cover_feature"] = True
+    return fields
 
 
 @dataclass(frozen=True)
@@ -400,8 +406,7 @@ class LightGBMRanker:
                  has_cover: np.ndarray | None = None, **options: Any):
         config = config or LGBMConfig()
         if fusion is not None:
-            sources, fuse = mirror_fusion(fusion)
-            options = {"sources": sources, "fuse": fuse, **options}
+            options = {**mirror_fusion(fusion), **options}
         known = {f.name for f in fields(LGBMConfig)}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -420,8 +425,9 @@ class LightGBMRanker:
         from rankers.registry import ranker_entry
 
         for name in ranker_entry("lightgbm").supported_fusions():
-            sources, fuse = mirror_fusion(name)
-            if self.config.sources == sources and (len(sources) == 1 or self.config.fuse == fuse):
+            fields = mirror_fusion(name)
+            if (self.config.sources == fields["sources"] and (len(fields["sources"]) == 1 or self.config.fuse == fields["fuse"])
+                    and bool(self.config.cover_feature) == fields.get("cover_feature", False)):
                 return name
         return "+".join(self.config.sources)
 

@@ -69,7 +69,7 @@ def register_ranker(entry: RankerEntry) -> RankerEntry:
 
 register_ranker(RankerEntry("nrms", "rankers.train:NRMSRanker", label="NRMS", fusions=ANY_FUSION))
 register_ranker(RankerEntry("lightgbm", "rankers.lgbm:LightGBMRanker", label="LightGBM",
-                            fusions=("text", "image", "blip", "hadamard")))
+                            fusions=("text", "image", "blip", "text+cover", "hadamard")))
 register_ranker(RankerEntry("random", "rankers.baselines:create_random", label="random", baseline=True))
 register_ranker(RankerEntry("popularity", "rankers.baselines:create_popularity",
                             label="popularity (smoothed train CTR)", baseline=True))

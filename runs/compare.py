@@ -35,6 +35,8 @@ from runs.workspace import Workspace
 from storage.errors import PipelineError
 
 DEFAULT_BASELINES = ("random", "popularity", "oracle")
+CONTROL = "text+cover"
+"""The presence control: text plus only whether the news has a cover (rankers.fusion)."""
 ENHANCED = " · enhanced titles"
 
 
@@ -124,20 +126,33 @@ def _role_specs(params: CompareParams) -> dict[str, str]:
     return {role: getattr(params, role) for role in ROLES}
 
 
+def grid_reference(source: str, sources: Sequence[str]) -> str | None:
+    """The source a grid run is paired with: a fusion of text with the image's content
+    (hadamard, concat, gated) with `text+cover` when that runs (does the content help beyond
+    knowing there is a cover?), `text+cover` and the rest with `text` (None: `text` itself, or
+    no text run)."""
+    if source == "text" or "text" not in sources:
+        return None
+    roles = set(roles_of(source))
+    if CONTROL in sources and source != CONTROL and {"text", "image"} <= roles:
+        return CONTROL
+    return "text"
+
+
 def _grid_runs(params: CompareParams, data: Path | None) -> list[PlannedRun]:
     specs = _role_specs(params)
-    order = sorted(params.sources, key=lambda s: s != "text")
+    order = sorted(params.sources, key=lambda s: (s != "text", s != CONTROL))
     runs = []
     for ranker in params.rankers:
-        reference = run_label(ranker, "text") if "text" in params.sources else None
         for source in order:
             label = run_label(ranker, source)
+            reference = grid_reference(source, params.sources)
             runs.append(PlannedRun(label, _rank_params(
-                label, data=data, images=params.images, features=[specs[role] for role in roles_of(source)],
+                label, data=data, images=params.images, features=[specs[r] for r in roles_of(source) if r in specs],
                 fusion=source, ranker=ranker, device=params.device, epochs=params.epochs, tokens=params.tokens,
                 seed=params.seed, threads=thread_share(params), storage=params.storage, scale=params.scale, world_seed=params.world_seed,
                 score_test=params.score_test, allow_no_images=params.allow_no_images, progress=params.progress,
-            ), None if label == reference else reference))
+            ), run_label(ranker, reference) if reference else None))
     return runs
 
 
@@ -151,7 +166,8 @@ def _preset_runs(params: CompareParams, data: Path | None, preset: Preset) -> li
         if text is None:
             continue
         role_spec = {**specs, "text": text}
-        options = dict(data=data, images=params.images, features=[role_spec[r] for r in roles_of(run.fusion)],
+        options = dict(data=data, images=params.images,
+                       features=[role_spec[r] for r in roles_of(run.fusion) if r in role_spec],
                        fusion=run.fusion, ranker="nrms", device=params.device, seed=params.seed,
                        storage=params.storage, scale=params.scale, world_seed=params.world_seed,
                        score_test=params.score_test, allow_no_images=params.allow_no_images,
@@ -316,7 +332,36 @@ def build_report(params: CompareParams, workspace: Workspace, runs: list[tuple[P
     }
     if preset is not None and preset.published:
         report["baselines"] = [dict(p) for p in preset.published]
+    report["questions"] = questions(runs, references, paired)
+    if report["questions"]:
+        notes.insert(0, "The two questions: does having a cover help (each ranker's text+cover run, which knows only "
+                     "whether a news has a cover, against its text run), and does the cover's content help beyond "
+                     "that (its text+image runs against its text+cover run)? The headline answers the second.")
     return Report.parse(report)
+
+
+def questions(runs: list[tuple[PlannedRun, list]], references: dict[str, str], paired: dict) -> list[dict]:
+    """The report's two questions, per ranker, from the paired AUC differences (see
+    runs.report.Question): presence = text+cover vs text, content = text+image vs text+cover."""
+    fusion = {p.label: p.params.fusion for p, _ in runs if not p.baseline}
+    ranker = {p.label: p.params.ranker for p, _ in runs if not p.baseline}
+    out = []
+    for label, ref in references.items():
+        delta = (paired.get(label) or {}).get("auc")
+        if label not in fusion or ref not in fusion or delta is None:
+            continue
+        if fusion[label] == CONTROL and fusion[ref] == "text":
+            kind = "presence"
+        elif fusion[ref] == CONTROL and {"text", "image"} <= set(roles_of(fusion[label])):
+            kind = "content"
+        else:
+            continue
+        lo, hi = delta.get("lo"), delta.get("hi")
+        answer = ("undecided" if lo is None or hi is None or lo != lo else
+                  "yes" if lo > 0 else "hurts" if hi < 0 else "no")
+        out.append({"kind": kind, "ranker": ranker[label], "run": label, "reference": ref, "auc": delta,
+                    "answer": answer})
+    return sorted(out, key=lambda q: q["kind"] != "content")
 
 
 def _mean(values: list) -> float | None:
@@ -356,7 +401,10 @@ def summary_table(report: Report) -> str:
                      f"{_v(m['ndcg@5'].value)} {_v(m['ndcg@10'].value)}{lift}  {d}")
     if share:
         lines.append("lift: share of the oracle's AUC gain over random, (AUC - random) / (oracle - random)")
-    return "\n".join(lines)
+    from runs.render import question_sentences
+
+    lines += ["", *(s for s, _ in question_sentences(report.model_dump()))]
+    return "\n".join(lines).rstrip()
 
 
 def _v(x: float | None) -> str:

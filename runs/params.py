@@ -39,6 +39,8 @@ BaselineName = Literal[tuple(baseline_rankers())]  # type: ignore[valid-type]
 STORE_MODES = ("frozen", "finetuned")
 FINETUNE_ROLES = ("text", "image")
 DEFAULT_RANKERS = ("nrms", "lightgbm")
+# text-only, the presence control (text + whether there is a cover), image alone, text+image, BLIP
+DEFAULT_SOURCES = ("text", "text+cover", "image", "hadamard", "blip")
 # The embedded default: the tiny encoders pre-trained on the dataset's own train news (runs.pretrain),
 # the analogue of the pre-trained BERT and ViT users bring to real data; `tiny` (random) is for tests.
 DEFAULT_EXTRACTORS = ("bert:pretrained", "vit:pretrained", "blip:pretrained")
@@ -63,9 +65,11 @@ def spec_role(spec: str) -> str:
 
 
 def role_specs(features: Iterable[str], fusion: str) -> dict[str, str]:
-    """The `--features` spec of every role fusion `fusion` needs, or a PipelineError naming
-    the extractors to add."""
-    needed = roles_of(fusion)
+    """The `--features` spec of every extractor role fusion `fusion` needs (its `cover` flag
+    comes from the catalogue, not a store), or a PipelineError naming the extractors to add."""
+    from rankers.fusion import COVER
+
+    needed = [r for r in roles_of(fusion) if r != COVER]
     by_role = {spec_role(f): f for f in features}
     missing = [r for r in needed if r not in by_role]
     if missing:
@@ -409,7 +413,7 @@ class CompareParams(BaseModel):
     blip: str = DEFAULT_EXTRACTORS[2]
     distil: str | None = None  # plm-nr's DistilBERT, e.g. bert:distilbert-base-uncased
     rankers: list[TrainedRanker] = Field(default_factory=lambda: list(DEFAULT_RANKERS), min_length=1)
-    sources: list[FusionName] = Field(default_factory=lambda: ["text", "image", "hadamard", "blip"], min_length=1)
+    sources: list[FusionName] = Field(default_factory=lambda: list(DEFAULT_SOURCES), min_length=1)
     # None: random, popularity and oracle, or the preset's own
     baselines: list[BaselineName] | None = None
     device: Device = "auto"

@@ -174,12 +174,18 @@ def _fit_on_stores(params: RankParams, workspace: Workspace, ds: Dataset, train,
         # Token vectors are read only for an NRMS that attends over them: LightGBM and the
         # pooled news encoder use the stored (pooled) vectors.
         features[role] = workspace.features(ref, cat, tokens=params.ranker == "nrms" and params.tokens)
+    from rankers.fusion import COVER, roles_of
+
+    if params.ranker in ("nrms", "lightgbm") and COVER in roles_of(params.fusion):
+        features[COVER] = workspace.cover_features(ds.original)
     options: dict = {"seed": params.seed}
     if params.ranker == "nrms":
         options = dict(fusion=params.fusion, device=params.device, progress=params.progress,
                        config=nrms_config(params))
     elif params.ranker == "lightgbm":
         options.update(fusion=params.fusion)
+        if COVER in features:  # LightGBM takes the flag as a feature, not as a store
+            options.update(has_cover=features.pop(COVER).vectors[:, 0] > 0)
         if params.threads is not None:
             options.update(n_jobs=params.threads)
     elif params.ranker == "oracle":

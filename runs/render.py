@@ -183,8 +183,11 @@ def verdicts(report: Mapping) -> list[Verdict]:
         ref = reference_of(report, name)
         if name == ref:
             continue
-        # Image-only runs replace text rather than add to it: they do not answer the question.
-        adds = set(runs[ref]["sources"]) < set(runs[name]["sources"])
+        # Image-only runs replace text rather than add to it: they do not answer the question;
+        # nor does adding only the cover flag (it tells that there is an image, not what it shows).
+        added = set(runs[name]["sources"]) - set(runs[ref]["sources"])
+        adds = set(runs[ref]["sources"]) < set(runs[name]["sources"]) and any(
+            s.split(" ")[0] in ("image", "blip") for s in added)
         sig = _significance(delta["auc"])
         if adds:
             kind = {"up": "help", "down": "hurt"}.get(sig, "none")
@@ -204,12 +207,38 @@ def reference_of(report: Mapping, run: str) -> str:
     return (report.get("references") or {}).get(run, report["reference"])
 
 
+QUESTIONS = {"content": "Does the cover's content help, beyond knowing that a news has a cover?",
+             "presence": "Does having a cover help?"}
+ANSWERS = {"yes": "yes", "no": "not significantly", "hurts": "no, it hurts", "undecided": "too few impressions to say"}
+
+
+def question_sentences(report: Mapping) -> list[tuple[str, str]]:
+    """(sentence, kind) for each of the report's questions that it answers, content first: each
+    ranker's answer with its paired AUC difference; kind as `headline`'s."""
+    out = []
+    for kind, question in QUESTIONS.items():
+        found = [q for q in report.get("questions") or [] if q["kind"] == kind]
+        if not found:
+            continue
+        parts = [f"{ANSWERS[q['answer']]} for {q['ranker']} ({q['run']} vs {q['reference']}: AUC "
+                 f"{_fmt(q['auc']['diff'], sign=True)} [{_fmt(q['auc']['lo'], sign=True)}, "
+                 f"{_fmt(q['auc']['hi'], sign=True)}])" for q in found]
+        answers = {q["answer"] for q in found}
+        tone = "help" if answers == {"yes"} else "hurt" if answers == {"hurts"} else "none"
+        out.append((f"{question} " + "; ".join(parts)[0].upper() + "; ".join(parts)[1:] + ".", tone))
+    return out
+
+
 def headline(report: Mapping) -> tuple[str, str]:
     """(sentence, kind) answering "do images help?"; kind is "help", "hurt" or "none".
 
-    Reads the runs whose sources strictly contain the reference's; without any, it says so
-    and reports the best other comparison.
+    With the presence control (text+cover runs), the answer to "does the cover's content help
+    beyond knowing there is a cover?". Otherwise it reads the runs whose sources strictly contain
+    the reference's; without any, it says so and reports the best other comparison.
     """
+    asked = question_sentences(report)
+    if asked:
+        return asked[0]
     ref = report["reference"]
     found = verdicts(report)
     if not found:
@@ -402,6 +431,7 @@ def render_markdown(report: Mapping, plots: Mapping[str, str] | None = None) -> 
     level = _level(report)
     sentence, _ = headline(report)
     out = [f"# {report['title']}", "", *(_meta_lines(report)), "", f"**{sentence}**", ""]
+    out += [f"**{s}**\n" for s, _ in question_sentences(report)[1:]]
     out += [f"- {v.sentence(ref)}" for v in verdicts(report)]
     out += ["", f"## Results ({level} intervals)", "", _main_table(report).markdown(), ""]
     paired = _paired_table(report)
@@ -487,6 +517,7 @@ def render_html(report: Mapping, plots: Mapping[str, str] | None = None) -> str:
     parts = [f"<h1>{esc(report['title'])}</h1>",
              '<div class="meta">' + "".join(f"<p>{esc(x)}</p>" for x in _meta_lines(report)) + "</div>",
              f'<div class="headline {kind}">{esc(sentence)}</div>']
+    parts += [f'<div class="headline {k}">{esc(s)}</div>' for s, k in question_sentences(report)[1:]]
     found = verdicts(report)
     if len(found) > 1:
         items = "".join(f"<li>{esc(v.sentence(ref))}</li>" for v in found)

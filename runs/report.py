@@ -136,6 +136,19 @@ class SliceEntry(_Part):
         return _all_metrics(v)
 
 
+class Question(_Part):
+    """One ranker's answer to one of the report's two questions, read off a paired AUC difference:
+    `presence`, does having a cover help (text+cover against text)? `content`, does what the
+    cover shows help beyond that (text+image against text+cover)?"""
+
+    kind: Literal["presence", "content"]
+    ranker: str
+    run: str
+    reference: str
+    auc: Delta
+    answer: Literal["yes", "no", "hurts", "undecided"]  # interval above 0, spanning 0, below 0; too few impressions
+
+
 class Published(_Part):
     """Published numbers shown beside ours (not runs of this pipeline)."""
 
@@ -160,6 +173,7 @@ class Report(_Part):
     references: dict[str, str] = Field(default_factory=dict)
     slices: dict[str, dict[str, SliceEntry]] = Field(default_factory=dict)
     baselines: list[Published] = Field(default_factory=list)
+    questions: list[Question] = Field(default_factory=list)
     bootstrap: Bootstrap | None = None
     notes: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict)
@@ -197,6 +211,9 @@ class Report(_Part):
         for sname, by_run in self.slices.items():
             for name in by_run:
                 need(name, f"slices[{sname!r}][{name!r}]")
+        for i, q in enumerate(self.questions):
+            need(q.run, f"questions[{i}].run")
+            need(q.reference, f"questions[{i}].reference")
         return self
 
     @classmethod

@@ -150,6 +150,19 @@ class Workspace:
 
         return self._once(("covers", id(catalogue), allow_no_images), check)
 
+    def cover_features(self, catalogue):
+        """The `cover` role's NewsFeatures: (N, 1) 1.0 where the news has a cover image file,
+        0.0 elsewhere; what a ranker knows of covers when it sees no image."""
+        from rankers.data import NewsFeatures
+        from rankers.fusion import COVER
+
+        def flags():
+            has = np.fromiter((n in catalogue.images for n in catalogue.ids), dtype=bool, count=len(catalogue))
+            return NewsFeatures(name=COVER, modality="flag", vectors=has.astype(np.float32)[:, None],
+                                present=np.ones(len(has), dtype=bool))
+
+        return self._once(("cover", id(catalogue)), flags)
+
     # -- stores ---------------------------------------------------------------------------
     def features_dir(self) -> Path:
         return subdir("features", self.storage)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from rankers.attention import AdditiveAttention, MaskedSelfAttention
 from rankers.base import ROLES, FitReport
 from rankers.data import Impressions, NewsFeatures, carve_validation, load_features, load_impressions
-from rankers.fusion import Layer, available, create_fusion, label_of, register, roles_of
+from rankers.fusion import FEATURE_ROLES, Layer, available, create_fusion, label_of, register, roles_of
 from storage.errors import PipelineError
 from rankers.metrics import evaluate
 from rankers.nrms import NRMS, NRMSConfig
@@ -90,8 +90,8 @@ def batch_of(impressions: Impressions, history: int = 6):
 @pytest.mark.parametrize("name", available())
 def test_every_fusion_maps_roles_to_width(name):
     fusion = create_fusion(name, 12)
-    assert set(fusion.roles) <= set(ROLES) and fusion.roles
-    vectors = {r: torch.randn(5, 12) for r in ROLES}
+    assert set(fusion.roles) <= set(FEATURE_ROLES) and fusion.roles
+    vectors = {r: torch.randn(5, 12) for r in FEATURE_ROLES}
     out = fusion(vectors)
     assert out.shape == (5, 12) and torch.isfinite(out).all()
     if len(fusion.roles) > 1:

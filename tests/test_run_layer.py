@@ -333,3 +333,70 @@ def test_pretrained_checkpoints_resolve_to_their_folder_and_are_reused(tiny_worl
                                   progress=False))
     assert outcome.stores["text"]["extractor"] == f"bert:{folder}"
     assert Path(outcome.folder).name == "tiny__lightgbm__text__bert-pretrained"
+
+
+# ------------------------------------------------------------------------------ the presence control
+
+
+def test_the_text_plus_cover_arm_knows_only_whether_there_is_a_cover(tiny_world, tmp_path):
+    import json
+
+    import numpy as np
+
+    from runs.rank import run_rank
+
+    def run(ranker, fusion, features):
+        params = RankParams(data=tiny_world, ranker=ranker, fusion=fusion, features=features, epochs=1,
+                            storage=tmp_path, progress=False)
+        outcome = run_rank(params)
+        return outcome, Path(outcome.folder)
+
+    text, folder = run("lightgbm", "text", ["bert"])
+    assert "has_cover" not in json.loads((folder / "config.json").read_text())["feature_names"]
+    cover, folder = run("lightgbm", "text+cover", ["bert"])
+    names = json.loads((folder / "config.json").read_text())["feature_names"]
+    assert "has_cover" in names and not any(n.startswith("image") for n in names)
+    assert set(cover.stores) == {"text"}  # the flag comes from the catalogue, not from a store
+    nrms, folder = run("nrms", "text+cover", ["bert"])
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    assert any(k.startswith("news.cover.") for k in weights) and not any("image" in k for k in weights)
+
+
+def test_content_runs_are_paired_with_the_presence_control():
+    from runs.compare import grid_reference
+
+    sources = ["text", "text+cover", "image", "hadamard", "gated", "blip"]
+    assert {s: grid_reference(s, sources) for s in sources} == {
+        "text": None, "text+cover": "text", "image": "text", "hadamard": "text+cover", "gated": "text+cover",
+        "blip": "text"}
+    assert grid_reference("hadamard", ["text", "hadamard"]) == "text"  # no control: as before
+
+
+def test_the_report_answers_the_two_questions_content_first():
+    from runs.render import headline, question_sentences
+    from runs.report import Report
+
+    def values(v):
+        return {m: {"value": v, "lo": v - 0.01, "hi": v + 0.01} for m in ("auc", "mrr", "ndcg@5", "ndcg@10")}
+
+    def delta(d, half=0.01):
+        return {m: {"diff": d, "lo": d - half, "hi": d + half, "p": 0.5} for m in ("auc", "mrr", "ndcg@5", "ndcg@10")}
+
+    def question(kind, run, ref, d, answer):
+        return {"kind": kind, "ranker": "nrms", "run": run, "reference": ref, "auc": delta(d)["auc"], "answer": answer}
+
+    runs = [{"name": n, "ranker": "nrms", "sources": s, "metrics": values(0.6), "impressions": 100}
+            for n, s in (("text", ["text"]), ("text+cover", ["text", "cover"]), ("hadamard", ["text", "image"]))]
+    report = Report.parse({
+        "title": "t", "created": "2026-12-02", "dataset": {"name": "d"}, "reference": "text", "runs": runs,
+        "references": {"text+cover": "text", "hadamard": "text+cover"},
+        "paired": {"text+cover": delta(0.08), "hadamard": delta(0.0, 0.02)},
+        "questions": [question("content", "hadamard", "text+cover", 0.0, "no"),
+                      question("presence", "text+cover", "text", 0.08, "yes")],
+    }).model_dump()
+    first, tone = headline(report)
+    assert first.startswith("Does the cover's content help") and "Not significantly for nrms" in first
+    assert tone == "none"
+    assert question_sentences(report)[1][0].startswith("Does having a cover help? Yes for nrms")
