@@ -290,9 +290,15 @@ def encode_catalogue(model: NRMS, bank: NewsBank, rows: np.ndarray, chunk: int =
 
 
 @torch.no_grad()
-def score_impressions(model: NRMS, bank: NewsBank, impressions: Impressions, chunk: int = 2048,
-                      row_chunk: int = 1 << 20) -> np.ndarray:
-    """Scores (T,) float64 of every candidate row of `impressions`, in their order."""
+def score_impressions(model: NRMS, bank: NewsBank, impressions: Impressions, chunk: int | None = None,
+                      row_chunk: int | None = None) -> np.ndarray:
+    """Scores (T,) float64 of every candidate row of `impressions`, in their order: users
+    `chunk` at a time, candidate rows `row_chunk` at a time (defaults: on a GPU 2048 and
+    2^20; on the CPU 512 and 2^17, where the larger ones raised the peak memory of scoring
+    MIND-small's dev split by 1.65 GiB instead of 0.23 and took no less time)."""
+    cuda = bank.device.type == "cuda"
+    chunk = chunk or (2048 if cuda else 512)
+    row_chunk = row_chunk or (1 << 20 if cuda else 1 << 17)
     was_training = model.training
     model.eval()
     try:
