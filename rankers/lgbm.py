@@ -142,7 +142,10 @@ class LGBMConfig:
     row_sampling: Literal["negatives", "impressions"] = "negatives"
     seed: int = 0
     # Threads for boosting and prediction; -1 all the machine's cores, -2 all but one (as
-    # joblib). FIXME measured
+    # joblib). On the shared 2-core machines, with OMP_WAIT_POLICY=PASSIVE (the Makefile's),
+    # 2 threads boosted 1.0x to 1.35x as fast as 1; with spinning OpenMP threads (the policy
+    # unset) 2x as fast while the other core was idle and 2-3x SLOWER once it was busy
+    # (benchmarks/RESULTS.md): set PASSIVE wherever the cores are shared.
     n_jobs: int = -1
 
     def __post_init__(self) -> None:
