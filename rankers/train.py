@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,9 @@ class NewsBank:
             if not use:
                 self.vectors[role] = torch.as_tensor(np.asarray(f.vectors, dtype=np.float32)).to(device)  # (N, D)
                 continue
-            tok = torch.from_numpy(np.ascontiguousarray(f.tokens))  # (N, L, D), no copy
+            with warnings.catch_warnings():  # a read-only (memory-mapped) store: only ever read here
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                tok = torch.from_numpy(np.ascontiguousarray(f.tokens))  # (N, L, D), no copy
             if device.type == "cuda":
                 fits = tok.numel() * 2 <= resident_gb * 2**30
                 tok = tok.to(torch.float16)

@@ -487,3 +487,22 @@ def test_fit_leaves_the_callers_random_state_and_is_reproducible():
     other = NRMSRanker("hadamard", dataclasses.replace(config, seed=1), device="cpu", progress=False)
     other.fit(train, valid, features)
     assert not np.array_equal(other.score(valid), scores[0])
+
+
+def test_token_vectors_from_a_read_only_float16_memmap(tmp_path):
+    import warnings
+
+    features = random_features()["text"]
+    path = tmp_path / "tokens.f16"
+    stored = np.memmap(path, dtype=np.float16, mode="w+", shape=features.tokens.shape)
+    stored[:] = features.tokens
+    stored.flush()
+    mapped = dataclasses.replace(features, tokens=np.memmap(path, dtype=np.float16, mode="r",
+                                                            shape=features.tokens.shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bank = NewsBank({"text": mapped}, {"text": True}, torch.device("cpu"))
+        got = bank.gather(torch.tensor([5, 3]))["text"]
+    width = got.tokens.shape[1]
+    np.testing.assert_array_equal(got.tokens.numpy(), stored[[5, 3], :width].astype(np.float32))
+    assert got.tokens.dtype == torch.float32 and torch.equal(got.mask, torch.from_numpy(features.mask[[5, 3], :width]))
