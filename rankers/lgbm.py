@@ -124,7 +124,7 @@ class LGBMConfig:
     costs nothing measurable on the mind-small synthetic world's text features (4.8M useful
     train rows; dev AUC 0.5734 / NDCG@10 0.2741 with all rows, 0.5739 / 0.2746 with 1M
     rows of fewer non-clicks, 0.5739 / 0.2738 with 0.5M, 0.5706 / 0.2708 with 1M rows of
-    whole impressions) and makes the fit about 5x faster (benchmarks/lgbm.py).
+    whole impressions) and makes the fit 3x to 5x faster (benchmarks/RESULTS.md).
     """
 
     sources: tuple[str, ...] = ("text",)
