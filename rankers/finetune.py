@@ -54,6 +54,7 @@ from rankers import checkpoint as ckpt
 from rankers import distributed
 from rankers.base import FitReport, check_fields
 from rankers.data import Impressions, NewsFeatures
+from rankers.early_stopping import EarlyStopping
 from rankers.fusion import roles_of
 from rankers.metrics import evaluate
 from rankers.mtrec import IGNORE, MTRecConfig, tag_titles
@@ -61,7 +62,8 @@ from rankers.nrms import NRMSConfig
 from rankers.plmnr import FineTuneNRMS, RawNewsBank, enable_gradient_checkpointing, freeze_lowest, token_statistics
 from rankers.surgery import combine
 from rankers.train import (
-    Batch, Samples, _scorable, autocast, batch_tensors, build_samples, resolve_device, score_impressions, train_loss,
+    Batch, Samples, _scorable, autocast, batch_tensors, build_samples, isolated_rng, resolve_device, score_impressions,
+    train_loss,
 )
 from storage.catalogue import Catalogue
 from storage.errors import PipelineError
@@ -160,17 +162,23 @@ class FineTuneConfig:
 
 @dataclass
 class _Progress:
-    """Early-stopping state carried across epochs (and checkpoints)."""
+    """What a checkpoint records of the run besides early stopping (rankers.early_stopping)."""
 
     epoch: int = 0
     step: int = 0
-    best_auc: float = -1.0
-    best_epoch: int = 0
-    stale: int = 0
-    stopped: bool = False
     train_seconds: float = 0.0
     history: list = field(default_factory=list)
     valid_metrics: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_meta(cls, meta: dict, patience: int, best_state: dict | None) -> tuple[_Progress, EarlyStopping]:
+        """The progress and early stopping a checkpoint's metadata holds."""
+        progress = dict(meta["progress"])
+        stopping = meta.get("stopping")
+        if stopping is None:  # written before rankers.early_stopping: the counters sat in the progress
+            stopping = {"best": progress.pop("best_auc"), "best_epoch": progress.pop("best_epoch"),
+                        "stale": progress.pop("stale"), "stopped": progress.pop("stopped")}
+        return cls(**progress), EarlyStopping.from_progress(patience, stopping, best_state)
 
 
 class FineTuneRanker:
@@ -274,6 +282,13 @@ class FineTuneRanker:
         Under torchrun every rank calls `fit` with the same splits, config and checkpoint
         folder (checked: a difference raises on every rank instead of hanging); rank 0 alone
         validates and writes the checkpoints, and every rank ends with the chosen weights."""
+        # Seeds and draws (weights, dropout, a checkpoint's random state) stay inside: the
+        # caller's torch random state is the same after fit.
+        with isolated_rng(self.device):
+            return self._fit(train, valid, checkpoint_dir, after_epoch)
+
+    def _fit(self, train: Impressions, valid: Impressions, checkpoint_dir: str | Path | None,
+             after_epoch: Callable[[int, FitReport], None] | None) -> FitReport:
         cfg, rc = self.config, self.config.ranker
         if not train.labeled:
             raise PipelineError(f"split {train.name!r} is unlabeled; a ranker trains on labeled impressions")
@@ -294,7 +309,7 @@ class FineTuneRanker:
             for role, (mean, std) in token_statistics(model, bank, train_rows, seed=rc.seed).items():
                 model.head.news[role].norm.set_statistics(mean.to(self.device), std.to(self.device))
         opt = self._optimizer()
-        state, best_state = _Progress(), None
+        state, stopper = _Progress(), EarlyStopping(rc.patience)
         identity = self._identity(train)
         if ctx.enabled:  # ranks that differ in any of these would wait for each other in different calls
             setup = (json.dumps(identity, sort_keys=True), rc.epochs, checkpoint_dir is not None)
@@ -306,11 +321,11 @@ class FineTuneRanker:
         if checkpoint_dir is not None:  # rank 0 clears torn checkpoints; every rank reads the same one
             found = distributed.broadcast_object(ckpt.latest(checkpoint_dir) if ctx.is_main else None)
         if found is not None:
-            state, best_state = self._resume(ckpt.read(found, self.device), identity, opt)
+            state, stopper = self._resume(ckpt.read(found, self.device), identity, opt)
         history, mask = train.histories(rc.history)  # (M, H)
         report = FitReport()
         for epoch in range(state.epoch + 1, rc.epochs + 1):
-            if state.stopped:
+            if stopper.stopped:
                 break
             row = self._train_epoch(epoch, train, history, mask, opt, state)
             if _scorable(valid):
@@ -321,29 +336,24 @@ class FineTuneRanker:
                 row.update({f"valid_{k}": v for k, v in metrics.items()})
                 auc = float(metrics["auc"])
             else:
-                metrics, auc = {}, float(epoch)  # nothing to validate on: keep the last epoch
+                metrics, auc = {}, None  # nothing to validate on: keep the last epoch
             state.history.append(row)
             state.epoch = epoch
-            if auc > state.best_auc:
-                state.best_auc, state.best_epoch, state.stale = auc, epoch, 0
+            if stopper.update(epoch, auc, model):
                 state.valid_metrics = {k: float(v) for k, v in metrics.items()}
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                state.stale += 1
-                state.stopped = state.stale >= rc.patience
-            self._fill(report, state, started)
+            self._fill(report, state, stopper, started)
             if checkpoint_dir is not None:
                 if ctx.is_main:
-                    meta = {"run": identity, "progress": asdict(state)}
+                    meta = {"run": identity, "progress": asdict(state), "stopping": stopper.progress()}
+                    best = None if stopper.best_epoch == epoch else stopper.best_state
                     ckpt.write(checkpoint_dir, epoch, meta, model.state_dict(), opt.state_dict(),
-                               ckpt.rng_state(self.device), None if state.best_epoch == epoch else best_state)
+                               ckpt.rng_state(self.device), best)
                 distributed.barrier()  # no rank goes on before the checkpoint it would resume from exists
             if after_epoch is not None:
                 after_epoch(epoch, report)
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        stopper.restore(model)
         model.eval()
-        return self._fill(report, state, started)
+        return self._fill(report, state, stopper, started)
 
     def _train_epoch(self, epoch: int, train: Impressions, history: np.ndarray, mask: np.ndarray,
                      opt: torch.optim.Optimizer, state: _Progress) -> dict:
@@ -409,8 +419,8 @@ class FineTuneRanker:
                                 f"lower the learning rates (now {lrs})")
         return row
 
-    def _fill(self, report: FitReport, state: _Progress, started: float) -> FitReport:
-        report.epochs, report.best_epoch = state.epoch, state.best_epoch
+    def _fill(self, report: FitReport, state: _Progress, stopper: EarlyStopping, started: float) -> FitReport:
+        report.epochs, report.best_epoch = state.epoch, stopper.best_epoch
         report.valid_metrics = dict(state.valid_metrics)
         report.history = list(state.history)
         report.seconds = time.perf_counter() - started
@@ -418,7 +428,8 @@ class FineTuneRanker:
         report.train_impressions_per_s = trained / state.train_seconds if state.train_seconds else 0.0
         return report
 
-    def _resume(self, found: ckpt.Checkpoint, identity: dict, opt: torch.optim.Optimizer):
+    def _resume(self, found: ckpt.Checkpoint, identity: dict,
+                opt: torch.optim.Optimizer) -> tuple[_Progress, EarlyStopping]:
         if found.meta.get("run") != identity:
             theirs, ours = found.meta.get("run", {}), identity
             diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
@@ -427,10 +438,11 @@ class FineTuneRanker:
         self.model.load_state_dict(found.model)
         opt.load_state_dict(found.optimizer)
         ckpt.set_rng_state(found.rng)
-        state = _Progress(**found.meta["progress"])
-        self.resumed_from = state.epoch
         best = found.best if found.best is not None else found.model
-        return state, {k: v.to(self.device) for k, v in best.items()}
+        state, stopper = _Progress.from_meta(found.meta, self.config.ranker.patience,
+                                             {k: v.to(self.device) for k, v in best.items()})
+        self.resumed_from = state.epoch
+        return state, stopper
 
     def _shared_params(self) -> list[nn.Parameter]:
         """The parameters MTRec's tasks share: the text encoder's trainable ones."""
@@ -514,7 +526,8 @@ class FineTuneRanker:
             raise PipelineError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
         ranker = cls(catalogue, FineTuneConfig.from_dict(meta["config"]), device=device, progress=progress)
         ranker.categories = list(meta["categories"])
-        ranker._build(folder)
+        with isolated_rng(ranker.device):  # the weights it draws are overwritten below
+            ranker._build(folder)
         ranker.model.load_state_dict(load_file(str(folder / MODEL_FILE), device=str(ranker.device)))
         ranker.model.eval()
         return ranker

@@ -33,10 +33,38 @@ leaves it out.
 Training: lambdarank grouped by impression, NDCG@10 on the time-carved `valid` split for
 early stopping (dev is never seen). Impressions with no click or no non-click carry no
 pairwise signal and are dropped from train and valid (counted in the ranker's `fit_info`,
-also saved in config.json; FitReport.history holds valid NDCG@10 per boosting round). Optional
-negative subsampling for large data keeps every click and a seeded fraction of each
-impression's non-clicks (at least one). The feature matrix is built vectorised (float32)
-in chunks of rows, and scoring runs chunk by chunk, so memory stays bounded at MIND scale.
+also saved in config.json; FitReport.history holds valid NDCG@10 per boosting round).
+Rows: `neg_fraction` keeps every click and a seeded fraction of each impression's
+non-clicks (at least one); `max_rows` then caps the rows, by lowering that fraction
+(`row_sampling="negatives"`, down to one non-click per impression, then dropping whole
+impressions) or by keeping a seeded random set of whole impressions ("impressions").
+
+Lambdarank runs with `lambdarank_norm=False`: LightGBM's default normalisation is why the
+text-only ranker kept its first tree ("best tree = 1"). It divides each pair's |delta NDCG|
+by 0.01 + |s_i - s_j|, so pairs whose scores tie or nearly tie weigh up to 100x more than the
+others. After the first tree most candidates of an impression share a leaf, hence a score,
+their order among themselves is only the data's order, and with features this weak (tiny
+BERT's centred CLS: its cosine alone ranks valid at NDCG@10 0.272) those pairs drive the
+next trees. On the mind-small synthetic world (40k train impressions drawn at random), with
+text_cos as the only feature, the TRAINING NDCG@10 fell from 0.265 after tree 1 to 0.245
+after tree 3 and was 0.255 after 40, the learned score no longer monotone in the cosine;
+with all 68 text features the valid NDCG@10 of tree 1 (0.269) was not reached again in 60
+trees, so early stopping (patience 30) kept tree 1. Without the normalisation both rise from
+the first tree on (one feature: train 0.265 -> 0.266, valid 0.270 -> 0.272; all features:
+valid 0.269 -> 0.273 in 40 trees), as they do with rank_xendcg or a pointwise binary
+objective. tests/test_lgbm.py shows the same on a one-feature toy with MIND-like impression
+sizes. The features themselves were sound: the centring, the `present`-masked user means,
+labels and groups (one group per impression, rows in impression order) checked out, and
+text_cos and text_dot alone give valid AUC 0.570 and 0.569; the Hadamard coordinates add
+little on these tiny-BERT vectors (the fitted model: valid AUC 0.574, the cosine alone 0.570).
+
+Memory: the training matrix is never built whole. LightGBM bins the features of a seeded
+sample of BIN_SAMPLE rows (its own default sample size), then pulls the rows block by block
+from a `lightgbm.Sequence` and keeps only the binned values (one byte per feature per row),
+so the peak stays near the binned data. Features are computed for blocks of rows, each
+block computing its impressions' user vectors once; scoring goes through whole impressions
+SCORE_ROWS rows at a time. `n_jobs` (default -1: all the machine's cores) threads boost and
+predict.
 
 Saved as `model.txt` (LightGBM's text format), `config.json` (hyperparameters, feature
 names, what fitting did), `centres.npz` (the per-role centres, so a loaded model builds
@@ -47,8 +75,9 @@ Letters: M impressions, T candidate rows, N news, H history, D width, F features
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -66,9 +95,13 @@ IMPORTANCE_FILE = "importance.json"
 CENTRES_FILE = "centres.npz"
 FORMAT = "mmnews-lightgbm-v1"
 ROWS_PER_CHUNK = 1 << 16
-"""Candidate rows whose features are built (and scored) at once: bounds the temporaries."""
+"""Candidate rows whose features are built at once (and LightGBM's Sequence batch): bounds the temporaries."""
+SCORE_ROWS = 1 << 18
+"""Candidate rows (whole impressions) scored at once."""
 GATHER_FLOATS = 1 << 24
 """History vectors gathered at once for user means (64 MB of float32)."""
+BIN_SAMPLE = 200_000
+"""Rows whose features set LightGBM's bin boundaries (LightGBM's bin_construct_sample_cnt)."""
 EVAL_AT = 10
 """Early stopping watches NDCG@10 on valid, the deepest cut-off the report uses."""
 
@@ -96,23 +129,37 @@ def mirror_fusion(fusion: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class LGBMConfig:
-    """Features and hyperparameters. `neg_fraction` 1.0 keeps every non-click."""
+    """Features and hyperparameters.
+
+    Rows: `neg_fraction` 1.0 keeps every non-click; `max_rows` None trains on every row
+    left, else at most that many, chosen by `row_sampling` (module docstring); the valid
+    split is then also cut to at most `max_rows` rows of whole impressions. The default cap
+    costs nothing measurable on the mind-small synthetic world's text features (4.8M useful
+    train rows; dev AUC 0.5734 / NDCG@10 0.2741 with all rows, 0.5739 / 0.2746 with 1M
+    rows of fewer non-clicks, 0.5739 / 0.2738 with 0.5M, 0.5706 / 0.2708 with 1M rows of
+    whole impressions) and makes the fit 3x to 5x faster (benchmarks/RESULTS.md).
+    """
 
     sources: tuple[str, ...] = ("text",)
     fuse: Literal["none", "hadamard"] = "hadamard"  # only used when text and image are both sources
     pooling: Literal["auto", "vector", "mean"] = "auto"  # auto: token mean where the store has tokens
     history: int = HISTORY
     cover_feature: bool | None = None  # None: has_cover where cover flags are known
-    n_estimators: int = 500
+    n_estimators: int = 500  # boosting rounds at most (the text features stop near 90)
     patience: int = 30  # boosting rounds without a better valid NDCG@10 before stopping
-    learning_rate: float = 0.05
+    learning_rate: float = 0.1
     num_leaves: int = 31
     min_child_samples: int = 20
-    neg_fraction: float = 1.0
+    neg_fraction: float = 1.0  # in (0, 1]
+    max_rows: int | None = 1_000_000  # None: no cap; else >= 2
+    row_sampling: Literal["negatives", "impressions"] = "negatives"
     seed: int = 0
-    # One thread: LightGBM's OpenMP threads spin while waiting, and on the shared 2-core
-    # machines 2 threads fitted 3x slower than 1 (benchmarks/lgbm.py); raise it on big hosts.
-    n_jobs: int = 1
+    # Threads for boosting and prediction; -1 all the machine's cores, -2 all but one (as
+    # joblib). On the shared 2-core machines, with OMP_WAIT_POLICY=PASSIVE (the Makefile's),
+    # 2 threads boosted 1.0x to 1.35x as fast as 1; with spinning OpenMP threads (the policy
+    # unset) 2x as fast while the other core was idle and 2-3x SLOWER once it was busy
+    # (benchmarks/RESULTS.md): set PASSIVE wherever the cores are shared.
+    n_jobs: int = -1
 
     def __post_init__(self) -> None:
         sources = (self.sources,) if isinstance(self.sources, str) else tuple(self.sources)
@@ -128,17 +175,37 @@ class LGBMConfig:
             "n_estimators": self.n_estimators > 0, "patience": self.patience > 0,
             "learning_rate": self.learning_rate > 0, "num_leaves": self.num_leaves > 1,
             "min_child_samples": self.min_child_samples > 0, "neg_fraction": 0.0 < self.neg_fraction <= 1.0,
+            "max_rows": self.max_rows is None or self.max_rows >= 2,
+            "row_sampling": self.row_sampling in ("negatives", "impressions"),
             "n_jobs": self.n_jobs != 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid LGBMConfig {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
                              "(fuse is 'none' or 'hadamard'; pooling 'auto', 'vector' or 'mean'; "
-                             "neg_fraction in (0, 1])")
+                             "neg_fraction in (0, 1]; max_rows None or at least 2; row_sampling "
+                             "'negatives' or 'impressions'; n_jobs a thread count or negative for all cores)")
 
     @property
     def fused(self) -> bool:
         return self.fuse == "hadamard" and "text" in self.sources and "image" in self.sources
+
+    @property
+    def threads(self) -> int:
+        """`n_jobs` as a thread count on this machine."""
+        if self.n_jobs > 0:
+            return self.n_jobs
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores + 1 + self.n_jobs)
+
+    def booster_params(self) -> dict[str, Any]:
+        """LightGBM's parameters for training (rankers.lgbm_dask passes the same ones)."""
+        return {
+            "objective": "lambdarank", "lambdarank_norm": False,  # see the module docstring
+            "metric": "ndcg", "eval_at": [EVAL_AT], "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves, "min_child_samples": self.min_child_samples, "seed": self.seed,
+            "num_threads": self.threads, "deterministic": True, "verbose": -1,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -180,6 +247,19 @@ def resolve_cover(features: Mapping[str, NewsFeatures], has_cover: np.ndarray | 
     return None
 
 
+def history_rows(impressions: Impressions, imps: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The most recent `max_len` clicks of impressions `imps` (m,), as Impressions.histories
+    gives them for all M (rows (m, H') int64 padded with 0, mask (m, H') bool), in O(m H)."""
+    ends = impressions.hist_offsets[imps + 1]  # (m,)
+    lengths = np.minimum(ends - impressions.hist_offsets[imps], max_len)  # (m,)
+    width = max(int(lengths.max(initial=0)), 1)
+    mask = np.arange(width)[None, :] < lengths[:, None]  # (m, H')
+    take = ((ends - lengths)[:, None] + np.arange(width)[None, :])[mask]
+    rows = np.zeros(mask.shape, dtype=np.int64)
+    rows[mask] = impressions.hist_items[take]
+    return rows, mask
+
+
 def user_vectors(
     rows: np.ndarray, mask: np.ndarray, vectors: np.ndarray, present: np.ndarray
 ) -> np.ndarray:
@@ -206,6 +286,23 @@ def _cosine(dot: np.ndarray, norm_u: np.ndarray, norm_c: np.ndarray) -> np.ndarr
     return np.divide(dot, denom, out=np.zeros_like(dot), where=denom > 0)
 
 
+def row_impressions(impressions: Impressions, rows: np.ndarray) -> np.ndarray:
+    """(t,) the impression of each candidate row of `rows` (t,)."""
+    return np.searchsorted(impressions.cand_offsets, rows, side="right") - 1
+
+
+def impression_chunks(imp: np.ndarray, size: int) -> Iterator[tuple[int, int]]:
+    """Cut rows whose impressions `imp` (T',) are sorted into spans [a, b) of about `size`
+    rows that never split an impression (an impression longer than `size` is one span)."""
+    a, n = 0, len(imp)
+    while a < n:
+        b = min(a + size, n)
+        if b < n:
+            b = int(np.searchsorted(imp, imp[b - 1], side="right"))
+        yield a, b
+        a = b
+
+
 def resolve_pooling(config: LGBMConfig, features: Mapping[str, NewsFeatures]) -> dict[str, str]:
     """Per used role, how a news vector is made: `mean` of the store's token vectors, or its
     pooled `vector`. `auto` takes the token mean where the store was loaded with tokens."""
@@ -220,15 +317,17 @@ def resolve_pooling(config: LGBMConfig, features: Mapping[str, NewsFeatures]) ->
 
 
 def pooled_vectors(feats: NewsFeatures, pooling: str) -> np.ndarray:
-    """(N, D) float32 news vectors: the store's vectors, or the masked mean of its tokens."""
+    """(N, D) float32 news vectors: the store's vectors, or the masked mean of its tokens
+    (read in chunks, so a float16 or memory-mapped token array is never copied whole)."""
     if pooling == "vector":
-        return feats.vectors
+        return np.asarray(feats.vectors, dtype=np.float32)
     n, length, d = feats.tokens.shape
     out = np.zeros((n, d), dtype=np.float32)
     step = max(1, GATHER_FLOATS // max(length * d, 1))
     for a in range(0, n, step):
-        w = feats.mask[a:a + step].astype(np.float32)  # (n, L)
-        total = np.einsum("nl,nld->nd", w, feats.tokens[a:a + step], dtype=np.float32)  # (n, D)
+        w = np.asarray(feats.mask[a:a + step], dtype=np.float32)  # (n, L)
+        tokens = np.asarray(feats.tokens[a:a + step], dtype=np.float32)  # (n, L, D)
+        total = np.einsum("nl,nld->nd", w, tokens, dtype=np.float32)  # (n, D)
         out[a:a + step] = total / np.maximum(w.sum(axis=1, keepdims=True), 1.0)
     return out
 
@@ -275,53 +374,77 @@ class FeatureBuilder:
             self.tables["fused"] = (text * image, text_present & image_present)  # (N, D)
         self.news_norm = {name: np.linalg.norm(vec, axis=1) for name, (vec, _) in self.tables.items()}  # (N,)
 
-    def matrix(self, impressions: Impressions, rows: np.ndarray | None = None) -> np.ndarray:
-        """(T', F) float32 features of candidate rows `rows` (sorted indices; default all T).
-
-        User vectors are computed once per impression that `rows` touch, then every block
-        is filled for ROWS_PER_CHUNK rows at a time.
-        """
-        cfg, tables = self.config, self.tables
+    def check(self, impressions: Impressions) -> None:
+        """Refuse impressions that refer to news beyond the features' N."""
         top = max(int(impressions.cand_items.max(initial=-1)), int(impressions.hist_items.max(initial=-1)))
         if top >= self.n_news:
             raise PipelineError(f"split {impressions.name!r} refers to news row {top} but the features hold "
                                 f"{self.n_news} news; use stores extracted from the same catalogue")
-        row_imp = impressions.row_impression  # (T,)
-        rows = np.arange(len(row_imp)) if rows is None else np.asarray(rows, dtype=np.int64)
-        imps, local = np.unique(row_imp[rows], return_inverse=True)  # (M',), (T',)
-        hist_rows, hist_mask = impressions.histories(cfg.history)
-        hist_rows, hist_mask = hist_rows[imps], hist_mask[imps]  # (M', H)
-        users = {name: user_vectors(hist_rows, hist_mask, vec, present) for name, (vec, present) in tables.items()}
-        user_norm = {name: np.linalg.norm(u, axis=1) for name, u in users.items()}  # (M',)
-        hist_len = impressions.history_lengths[imps].astype(np.float32)  # (M',)
-        n_cands = impressions.candidate_counts[imps].astype(np.float32)  # (M',)
 
+    def matrix(self, impressions: Impressions, rows: np.ndarray | None = None) -> np.ndarray:
+        """(T', F) float32 features of candidate rows `rows` (sorted indices; default all T),
+        built ROWS_PER_CHUNK rows (whole impressions) at a time."""
+        self.check(impressions)
+        rows = np.arange(len(impressions.cand_items)) if rows is None else np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), len(self.names)), dtype=np.float32)  # (T', F)
-        for a in range(0, len(rows), ROWS_PER_CHUNK):
-            b = min(a + ROWS_PER_CHUNK, len(rows))
-            cand = impressions.cand_items[rows[a:b]]  # (t,)
-            imp = local[a:b]  # (t,)
-            col = 0
-            for role in cfg.sources:
-                d = self.dims[role]
-                block = out[a:b, col:col + d]
-                np.multiply(users[role][imp], tables[role][0][cand], out=block)  # (t, D)
-                dot = block.sum(axis=1)  # (t,)
-                out[a:b, col + d] = dot
-                out[a:b, col + d + 1] = _cosine(dot, user_norm[role][imp], self.news_norm[role][cand])
-                col += d + 2
-            if cfg.fused:
-                dot = np.einsum("td,td->t", users["fused"][imp], tables["fused"][0][cand], dtype=np.float32)
-                out[a:b, col] = dot
-                out[a:b, col + 1] = _cosine(dot, user_norm["fused"][imp], self.news_norm["fused"][cand])
-                col += 2
-            out[a:b, col] = hist_len[imp]
-            col += 1
-            if self.cover:
-                out[a:b, col] = self.has_cover[cand]
-                col += 1
-            out[a:b, col] = n_cands[imp]
+        for a, b in impression_chunks(row_impressions(impressions, rows), ROWS_PER_CHUNK):
+            self.block(impressions, rows[a:b], out=out[a:b])
         return out
+
+    def block(self, impressions: Impressions, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(t, F) float32 features of candidate rows `rows` (t,), sorted; the user vectors of
+        the impressions they touch are computed once. No range check (see `check`)."""
+        cfg, tables = self.config, self.tables
+        imp = row_impressions(impressions, rows)  # (t,) sorted
+        starts = np.flatnonzero(np.diff(imp, prepend=-1))  # first row of each touched impression
+        imps = imp[starts]  # (m,)
+        local = np.cumsum(np.diff(imp, prepend=imp[:1]) != 0)  # (t,) index into imps
+        hist_rows, hist_mask = history_rows(impressions, imps, cfg.history)  # (m, H')
+        users = {name: user_vectors(hist_rows, hist_mask, vec, present) for name, (vec, present) in tables.items()}
+        user_norm = {name: np.linalg.norm(u, axis=1)[local] for name, u in users.items()}  # (t,)
+        cand = impressions.cand_items[rows]  # (t,)
+
+        out = np.empty((len(rows), len(self.names)), dtype=np.float32) if out is None else out  # (t, F)
+        col = 0
+        for role in cfg.sources:
+            d = self.dims[role]
+            block = out[:, col:col + d]
+            np.multiply(users[role][local], tables[role][0][cand], out=block)  # (t, D)
+            dot = block.sum(axis=1)  # (t,)
+            out[:, col + d] = dot
+            out[:, col + d + 1] = _cosine(dot, user_norm[role], self.news_norm[role][cand])
+            col += d + 2
+        if cfg.fused:
+            dot = np.einsum("td,td->t", users["fused"][local], tables["fused"][0][cand], dtype=np.float32)
+            out[:, col] = dot
+            out[:, col + 1] = _cosine(dot, user_norm["fused"], self.news_norm["fused"][cand])
+            col += 2
+        out[:, col] = (impressions.hist_offsets[imp + 1] - impressions.hist_offsets[imp]).astype(np.float32)
+        col += 1
+        if self.cover:
+            out[:, col] = self.has_cover[cand]
+            col += 1
+        out[:, col] = (impressions.cand_offsets[imp + 1] - impressions.cand_offsets[imp]).astype(np.float32)
+        return out
+
+
+class FeatureRows:
+    """The feature rows `rows` (sorted) of `impressions` as a `lightgbm.Sequence` (registered
+    as one on first use): LightGBM reads them block by block, so they are never all in memory."""
+
+    batch_size = ROWS_PER_CHUNK
+
+    def __init__(self, builder: FeatureBuilder, impressions: Impressions, rows: np.ndarray):
+        builder.check(impressions)
+        self.builder, self.impressions, self.rows = builder, impressions, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, idx: int | slice) -> np.ndarray:
+        if isinstance(idx, slice):
+            return self.builder.block(self.impressions, self.rows[idx])  # (t, F)
+        return self.builder.block(self.impressions, self.rows[idx:idx + 1 or None])[0]  # (F,)
 
 
 def feature_matrix(
@@ -362,14 +485,14 @@ def _click_counts(impressions: Impressions) -> np.ndarray:
 
 def subsample_negatives(offsets: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """(T,) bool rows to keep: every click, and per impression ceil(fraction * non-clicks)
-    non-clicks (at least one where there are any), chosen uniformly by a seeded generator."""
+    non-clicks (at least one where there are any), chosen uniformly by a seeded generator.
+    With one seed, a smaller fraction keeps a subset of what a larger one keeps."""
     t = len(labels)
     if fraction >= 1.0:
         return np.ones(t, dtype=bool)
     imp = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))  # (T,)
     neg = labels == 0
-    n_neg = np.bincount(imp[neg], minlength=len(offsets) - 1)  # (M,)
-    quota = np.where(n_neg > 0, np.maximum(1, np.ceil(fraction * n_neg)), 0)  # (M,)
+    quota = _negative_quota(np.bincount(imp[neg], minlength=len(offsets) - 1), fraction)  # (M,)
     # Rank each non-click within its impression by a random key; keep the first `quota`.
     key = np.random.default_rng(seed).random(t)
     order = np.lexsort((key, ~neg, imp))  # by impression, non-clicks first, then key
@@ -379,15 +502,110 @@ def subsample_negatives(offsets: np.ndarray, labels: np.ndarray, fraction: float
     return ~neg | (rank < quota[imp])
 
 
+def _negative_quota(n_neg: np.ndarray, fraction: float) -> np.ndarray:
+    """(M,) non-clicks kept per impression out of n_neg (M,): ceil(fraction * n), at least 1."""
+    return np.where(n_neg > 0, np.maximum(1, np.ceil(fraction * n_neg)), 0).astype(np.int64)
+
+
+def cap_rows(offsets: np.ndarray, labels: np.ndarray, config: LGBMConfig,
+             keep: np.ndarray | None = None) -> np.ndarray:
+    """(T,) bool rows to train on: `subsample_negatives` at `config.neg_fraction` (or `keep`,
+    what it gave), then at most `config.max_rows` of them (see LGBMConfig.row_sampling), all
+    seeded by `config.seed`.
+
+    `negatives`: the largest fraction <= neg_fraction whose rows fit (bisection; every click
+    and at least one non-click per impression stay), then, if one non-click per impression
+    is still too many, whole impressions are dropped as with `impressions`, which keeps a
+    seeded random set of whole impressions whose rows fit. At least one impression stays.
+    """
+    m = len(offsets) - 1
+    imp = np.repeat(np.arange(m), np.diff(offsets))  # (T,)
+    fraction = config.neg_fraction
+    if keep is None:
+        keep = subsample_negatives(offsets, labels, fraction, config.seed)
+    cap = config.max_rows
+    if cap is None or keep.sum() <= cap:
+        return keep
+    if config.row_sampling == "negatives":
+        clicks = int(np.count_nonzero(labels != 0))
+        n_neg = np.bincount(imp[labels == 0], minlength=m)  # (M,)
+        low, high = 0.0, fraction  # rows(low) may exceed the cap only at its floor of one non-click
+        for _ in range(50):
+            mid = (low + high) / 2
+            if clicks + _negative_quota(n_neg, mid).sum() <= cap:
+                low = mid
+            else:
+                high = mid
+        keep = subsample_negatives(offsets, labels, max(low, 1e-12), config.seed)
+        if keep.sum() <= cap:
+            return keep
+    chosen = whole_impressions(np.bincount(imp[keep], minlength=m), cap, config.seed)  # (M,)
+    return keep & chosen[imp]
+
+
+def whole_impressions(counts: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """(M,) bool: a seeded random set of impressions whose `counts` (M,) rows sum to at most
+    `cap` (the first impressions of a seeded shuffle; at least one)."""
+    order = np.random.default_rng([seed, 1]).permutation(len(counts))
+    fits = np.cumsum(counts[order]) <= cap  # a prefix of the shuffled impressions
+    fits[:1] = True
+    chosen = np.zeros(len(counts), dtype=bool)
+    chosen[order[fits]] = True
+    return chosen
+
+
 @dataclass(frozen=True)
 class TrainingRows:
-    """The rows lambdarank learns from, in impression order (V valid rows)."""
+    """The rows lambdarank learns from, in impression order (T' train rows, V valid rows);
+    their features are built on demand (`features`, `dataset`), never all at once."""
 
-    x: np.ndarray  # (T', F) float32
+    builder: FeatureBuilder
+    train: Impressions  # the train impressions that keep rows (with a click and a non-click)
+    rows: np.ndarray  # (T',) their candidate rows kept, sorted
     y: np.ndarray  # (T',) int8 labels
-    group: np.ndarray  # (M',) rows per train impression, in row order
+    group: np.ndarray  # (M',) rows per train impression, in row order, all > 0
     valid: Impressions | None  # the valid impressions with a click and a non-click, if any
-    valid_x: np.ndarray | None  # (V, F) their features
+
+    def features(self, a: int = 0, b: int | None = None) -> np.ndarray:
+        """(b - a, F) float32 features of train rows a..b."""
+        return self.builder.matrix(self.train, self.rows[a:b])
+
+    @property
+    def x(self) -> np.ndarray:
+        """(T', F) all train features at once (for small data and tests)."""
+        return self.features()
+
+    @property
+    def valid_x(self) -> np.ndarray | None:
+        """(V, F) the valid features, built on each call."""
+        return None if self.valid is None else self.builder.matrix(self.valid)
+
+    def datasets(self, params: Mapping[str, Any]) -> tuple[Any, Any]:
+        """(train, valid or None) lightgbm.Datasets, binned from the features of a seeded
+        sample of BIN_SAMPLE train rows and then filled block by block."""
+        import lightgbm as lgb
+
+        lgb.Sequence.register(FeatureRows)
+        t = len(self.rows)
+        pick = np.arange(t)
+        if t > BIN_SAMPLE:
+            pick = np.sort(np.random.default_rng([int(params.get("seed", 0)), 2]).choice(t, BIN_SAMPLE, replace=False))
+        reference = lgb.Dataset(self.features_at(pick), params=dict(params), feature_name=self.builder.names)
+        reference.construct()
+        train = lgb.Dataset(FeatureRows(self.builder, self.train, self.rows), label=self.y, group=self.group,
+                            reference=reference, params=dict(params), feature_name=self.builder.names)
+        train.construct()
+        valid = None
+        if self.valid is not None:
+            valid = lgb.Dataset(FeatureRows(self.builder, self.valid, np.arange(len(self.valid.cand_items))),
+                                label=self.valid.labels, group=self.valid.candidate_counts, reference=train,
+                                params=dict(params), feature_name=self.builder.names)
+            valid.construct()
+        return train, valid
+
+    def features_at(self, picks: np.ndarray) -> np.ndarray:
+        """(p, F) features of train rows at sorted positions `picks` (p,)."""
+        return self.builder.matrix(self.train, self.rows[picks])
 
 
 # ----------------------------------------------------------------------------- the ranker
@@ -469,8 +687,8 @@ class LightGBMRanker:
 
     # -- training -----------------------------------------------------------------------
     def training_rows(self, train: Impressions, valid: Impressions, features: Mapping[str, NewsFeatures]) -> TrainingRows:
-        """Attach `features` (new centres) and build the rows lambdarank learns from; sets `fit_info`.
-        Shared by `fit` and rankers.lgbm_dask, so both train on exactly the same rows."""
+        """Attach `features` (new centres) and choose the rows lambdarank learns from; sets
+        `fit_info`. Shared by `fit` and rankers.lgbm_dask, so both train on exactly the same rows."""
         cfg = self.config
         if not train.labeled:
             raise PipelineError(f"split {train.name!r} is unlabeled; a ranker trains on labeled impressions")
@@ -481,28 +699,36 @@ class LightGBMRanker:
         fit_train = train.select(useful, "train")
         if len(fit_train) == 0:
             raise PipelineError(f"none of the {len(train)} train impressions has both a click and a non-click")
-        keep = subsample_negatives(fit_train.cand_offsets, fit_train.labels, cfg.neg_fraction, cfg.seed)
-        x = self.features_of(fit_train, np.flatnonzero(keep))  # (T', F)
-        y = fit_train.labels[keep]
-        group = np.bincount(fit_train.row_impression[keep], minlength=len(fit_train))  # (M',)
+        before = subsample_negatives(fit_train.cand_offsets, fit_train.labels, cfg.neg_fraction, cfg.seed)  # (T,)
+        keep = cap_rows(fit_train.cand_offsets, fit_train.labels, cfg, before)  # (T,)
+        kept = np.bincount(row_impressions(fit_train, np.flatnonzero(keep)), minlength=len(fit_train)) > 0  # (M,)
+        if not kept.all():  # the cap dropped whole impressions
+            keep = keep[kept[fit_train.row_impression]]
+            fit_train = fit_train.select(kept, "train")
+        rows = np.flatnonzero(keep)  # (T',)
+        group = np.bincount(row_impressions(fit_train, rows), minlength=len(fit_train))  # (M',)
 
-        fit_valid, valid_x = None, None
+        fit_valid = None
         valid_useful = useful_impressions(valid) if len(valid) and valid.labeled else np.zeros(len(valid), bool)
+        if cfg.max_rows is not None and valid.candidate_counts[valid_useful].sum() > cfg.max_rows:
+            # Early stopping needs whole impressions: at most max_rows rows of them.
+            valid_useful &= whole_impressions(np.where(valid_useful, valid.candidate_counts, 0), cfg.max_rows, cfg.seed)
         if valid_useful.any():
             fit_valid = valid.select(valid_useful, "valid")
-            valid_x = self.features_of(fit_valid)  # (V, F)
         self.fit_info = {
             "train_impressions": len(train),
             "train_impressions_used": len(fit_train),
             "train_dropped_no_click": int(np.count_nonzero(clicks == 0)),
             "train_dropped_no_nonclick": int(np.count_nonzero(~useful & (clicks > 0))),
-            "train_rows": int(len(y)),
-            "train_negatives_dropped": int(np.count_nonzero(~keep)),
+            "train_impressions_capped": int(np.count_nonzero(~kept)),
+            "train_rows": len(rows),
+            "train_negatives_dropped": int(np.count_nonzero(fit_train.labels[~keep] == 0)) if len(keep) else 0,
+            "train_rows_capped": int(before.sum()) - len(rows),
             "valid_impressions": len(valid),
             "valid_impressions_used": int(np.count_nonzero(valid_useful)),
             "features": len(self.feature_names),
         }
-        return TrainingRows(x, y, group, fit_valid, valid_x)
+        return TrainingRows(self._builder, fit_train, rows, fit_train.labels[rows], group, fit_valid)
 
     def fit(self, train: Impressions, valid: Impressions, features: dict[str, NewsFeatures]) -> FitReport:
         import lightgbm as lgb
@@ -510,33 +736,26 @@ class LightGBMRanker:
         cfg = self.config
         started = time.perf_counter()
         rows = self.training_rows(train, valid, features)
-        x, y, group = rows.x, rows.y, rows.group
-        eval_kw: dict[str, Any] = {}
-        if rows.valid is not None:
-            eval_kw = dict(eval_X=(rows.valid_x,), eval_y=(rows.valid.labels,), eval_group=[rows.valid.candidate_counts],
-                           eval_names=["valid"], eval_at=[EVAL_AT])
+        params = cfg.booster_params()
+        train_set, valid_set = rows.datasets(params)
         features_seconds = time.perf_counter() - started
 
         evals: dict[str, dict[str, list[float]]] = {}
         callbacks = [lgb.record_evaluation(evals)]
-        if eval_kw:
+        if valid_set is not None:
             callbacks.append(lgb.early_stopping(cfg.patience, first_metric_only=True, verbose=False))
-        model = lgb.LGBMRanker(
-            objective="lambdarank", n_estimators=cfg.n_estimators, learning_rate=cfg.learning_rate,
-            num_leaves=cfg.num_leaves, min_child_samples=cfg.min_child_samples, random_state=cfg.seed,
-            n_jobs=cfg.n_jobs, deterministic=True, verbose=-1,
-        )
         t0 = time.perf_counter()
-        model.fit(x, y, group=group, feature_name=self.feature_names, callbacks=callbacks, **eval_kw)
+        self.booster = lgb.train(params, train_set, num_boost_round=cfg.n_estimators,
+                                 valid_sets=[valid_set] if valid_set is not None else [],
+                                 valid_names=["valid"] if valid_set is not None else [], callbacks=callbacks)
         boost_seconds = time.perf_counter() - t0
-        self.booster = model.booster_
+        del train_set, valid_set
         curve = evals.get("valid", {}).get(f"ndcg@{EVAL_AT}", [])
-        # After early stopping the booster keeps only the best trees; the curve has them all.
         trained = len(curve) or self.booster.current_iteration()
-        self.best_iteration = int(model.best_iteration_) if eval_kw and model.best_iteration_ else trained
+        self.best_iteration = int(self.booster.best_iteration or trained) if rows.valid is not None else trained
         self.fit_info.update(trees_trained=trained, best_iteration=self.best_iteration,
-                             early_stopped=trained < cfg.n_estimators, features_seconds=features_seconds,
-                             boost_seconds=boost_seconds)
+                             early_stopped=trained < cfg.n_estimators, threads=cfg.threads,
+                             features_seconds=features_seconds, boost_seconds=boost_seconds)
 
         report = FitReport(epochs=trained, best_epoch=self.best_iteration)
         report.history = [{"epoch": i + 1, f"valid_ndcg@{EVAL_AT}": float(v)} for i, v in enumerate(curve)]
@@ -544,7 +763,7 @@ class LightGBMRanker:
             metrics = evaluate(valid.cand_offsets, valid.labels, self.score(valid))
             report.valid_metrics = {k: float(v) for k, v in metrics.items()}
         report.seconds = time.perf_counter() - started
-        report.train_impressions_per_s = len(group) / report.seconds if report.seconds else 0.0
+        report.train_impressions_per_s = len(rows.group) / report.seconds if report.seconds else 0.0
         return report
 
     # -- scoring ------------------------------------------------------------------------
@@ -553,14 +772,15 @@ class LightGBMRanker:
         if self.booster is None or not isinstance(self._builder, FeatureBuilder):
             raise PipelineError("the ranker has no model or no features: fit it, or load it with features "
                                 "(or call set_features)")
+        builder = self._builder
+        builder.check(impressions)
         t = len(impressions.cand_items)
         out = np.empty(t, dtype=np.float64)
-        # Whole impressions per chunk, so each chunk's user vectors are computed once.
-        bounds = np.searchsorted(impressions.cand_offsets, np.arange(0, t, 4 * ROWS_PER_CHUNK), side="right") - 1
-        cuts = np.unique(np.append(impressions.cand_offsets[bounds], t)) if t else np.array([0])
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            x = self.features_of(impressions, np.arange(a, b))
-            out[a:b] = self.booster.predict(x, num_iteration=self.best_iteration, num_threads=self.config.n_jobs)
+        rows = np.arange(t)
+        # Whole impressions per chunk: each impression's user vectors are computed once.
+        for a, b in impression_chunks(row_impressions(impressions, rows), SCORE_ROWS):
+            x = builder.block(impressions, rows[a:b])  # (b - a, F)
+            out[a:b] = self.booster.predict(x, num_iteration=self.best_iteration, num_threads=self.config.threads)
         return out
 
     def importance(self) -> dict[str, float]:

@@ -116,11 +116,9 @@ class DaskLightGBMRanker(LightGBMRanker):
         x, y, group = scatter_partitions(self.client, rows, row_chunks, imp_chunks, workers)
         features_seconds = time.perf_counter() - started
 
-        model = lgb.DaskLGBMRanker(
-            client=self.client, objective="lambdarank", tree_learner="data", n_estimators=cfg.n_estimators,
-            learning_rate=cfg.learning_rate, num_leaves=cfg.num_leaves, min_child_samples=cfg.min_child_samples,
-            random_state=cfg.seed, deterministic=True, verbose=-1,
-        )
+        # The local ranker's parameters, less what the Dask estimator sets itself.
+        params = {k: v for k, v in cfg.booster_params().items() if k not in ("num_threads", "metric", "eval_at")}
+        model = lgb.DaskLGBMRanker(client=self.client, tree_learner="data", n_estimators=cfg.n_estimators, **params)
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             # get_params() always holds n_jobs, and lightgbm.dask warns that it drops it.
@@ -132,7 +130,9 @@ class DaskLightGBMRanker(LightGBMRanker):
         curve: list[float] = []
         self.best_iteration = trained
         if rows.valid is not None:
-            curve, self.best_iteration = replay_early_stopping(self.booster, rows.valid, rows.valid_x, cfg.patience)
+            valid_x = rows.valid_x  # (V, F)
+            curve, self.best_iteration = replay_early_stopping(self.booster, rows.valid, valid_x, cfg.patience)
+            del valid_x
         self.fit_info.update(
             trees_trained=trained, best_iteration=self.best_iteration, early_stopped=len(curve) < trained,
             features_seconds=features_seconds, boost_seconds=boost_seconds, dask_workers=min(len(workers), len(row_chunks)),
@@ -151,15 +151,16 @@ class DaskLightGBMRanker(LightGBMRanker):
 
 def scatter_partitions(client: Any, rows: TrainingRows, row_chunks: np.ndarray, imp_chunks: np.ndarray,
                        workers: Sequence[str]) -> tuple[Any, Any, Any]:
-    """Dask arrays x (T, F), y (T,), group (M,) whose chunk k is block k, held by worker k mod W."""
+    """Dask arrays x (T, F), y (T,), group (M,) whose chunk k is block k, held by worker k mod W.
+    Each block's features are built just before it is sent: the client never holds them all."""
     import dask.array as da
 
     xs, ys, gs = [], [], []
     a = g = 0
     for k, (n, m) in enumerate(zip(row_chunks.tolist(), imp_chunks.tolist())):
-        parts = [rows.x[a:a + n], rows.y[a:a + n], rows.group[g:g + m]]
+        parts = [rows.features(a, a + n), rows.y[a:a + n], rows.group[g:g + m]]
         fx, fy, fg = client.scatter(parts, workers=[workers[k % len(workers)]], hash=False)
-        xs.append(da.from_delayed(fx, shape=(n, rows.x.shape[1]), dtype=rows.x.dtype))
+        xs.append(da.from_delayed(fx, shape=(n, len(rows.builder.names)), dtype=np.float32))
         ys.append(da.from_delayed(fy, shape=(n,), dtype=rows.y.dtype))
         gs.append(da.from_delayed(fg, shape=(m,), dtype=rows.group.dtype))
         a, g = a + n, g + m

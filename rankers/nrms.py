@@ -15,11 +15,12 @@ training step (rankers.train).
   history gives a learned "no history" vector.
 - score: u . h_c.
 
-`NRMS.forward` takes the features of U distinct news and (B, H) / (B, C) indices into those
+`NRMS.forward` takes the features of U distinct news and (B', H) / (B, C) indices into those
 U rows, so a batch encodes every distinct news once (training dedups with torch.unique;
-the naive path passes one row per slot, and both give the same scores).
-Letters: B impressions (users), H history, C candidates (1 + K in training), U distinct
-news of a batch, L tokens, D_in a store's width, d the model width.
+the naive path passes one row per slot, and both give the same scores), and optionally
+which of the B' histories each of the B rows has, so it encodes each distinct user once.
+Letters: B impressions (users), B' distinct histories of a batch, H history, C candidates
+(1 + K in training), U distinct news of a batch, L tokens, D_in a store's width, d the model width.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from rankers.attention import AdditiveAttention, MaskedSelfAttention
+from rankers.attention import AdditiveAttention, Dropout, MaskedSelfAttention
 from rankers.base import ROLES, check_fields
 from rankers.fusion import create_fusion, roles_of
 
@@ -135,7 +136,7 @@ class TokenNewsEncoder(nn.Module):
         self.in_dim = in_dim
         self.norm = Standardize(in_dim)
         self.proj = nn.Linear(in_dim, config.dim)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.self_attn = MaskedSelfAttention(config.dim, config.heads, config.dropout)
         self.pool = AdditiveAttention(config.dim, config.additive_hidden)
 
@@ -152,7 +153,7 @@ class PooledNewsEncoder(nn.Module):
         super().__init__()
         self.in_dim = in_dim
         self.norm = Standardize(in_dim)
-        self.net = nn.Sequential(nn.Linear(in_dim, config.dim), nn.GELU(), nn.Dropout(config.dropout))
+        self.net = nn.Sequential(nn.Linear(in_dim, config.dim), nn.GELU(), Dropout(config.dropout))
 
     def forward(self, x: RoleInput) -> torch.Tensor:
         return self.net(self.norm(x.vectors))  # (U, d)
@@ -164,13 +165,13 @@ class UserEncoder(nn.Module):
     def __init__(self, config: NRMSConfig):
         super().__init__()
         self.self_attn = MaskedSelfAttention(config.dim, config.heads, config.dropout)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.pool = AdditiveAttention(config.dim, config.additive_hidden)
         self.no_history = nn.Parameter(torch.randn(config.dim) * 0.02)  # (d,)
 
     def forward(self, clicks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.drop(self.self_attn(clicks, mask))  # (B, H, d)
-        u = self.pool(h, mask)  # (B, d); zeros for an empty history
+        h = self.drop(self.self_attn(clicks, mask))  # (B, H, d), 0 at padding
+        u = self.pool(h, mask, padding_is_zero=True)  # (B, d); zeros for an empty history
         has_history = mask.any(dim=-1, keepdim=True)  # (B, 1)
         return torch.where(has_history, u, self.no_history.to(u.dtype))  # (B, d)
 
@@ -211,10 +212,15 @@ class NRMS(nn.Module):
         return torch.einsum("bd,bcd->bc", users.float(), candidates.float())
 
     def forward(
-        self, inputs: dict[str, RoleInput], history: torch.Tensor, history_mask: torch.Tensor, candidates: torch.Tensor
+        self, inputs: dict[str, RoleInput], history: torch.Tensor, history_mask: torch.Tensor, candidates: torch.Tensor,
+        users: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Features of U news, history (B, H) and candidates (B, C) as indices into them,
-        history_mask (B, H) -> scores (B, C)."""
+        """Features of U news, history (B', H) and candidates (B, C) as indices into them,
+        history_mask (B', H) -> scores (B, C). `users` (B,) gives the history row of each
+        candidate row (None: row b has history b, B' = B): a history shared by several rows
+        (the clicks of one impression) is encoded once."""
         news = self.encode_news(inputs)  # (U, d)
-        users = self.encode_user(news[history], history_mask)  # (B, H, d) -> (B, d)
-        return self.score(users, news[candidates])  # (B, C)
+        user = self.encode_user(news[history], history_mask)  # (B', H, d) -> (B', d)
+        if users is not None:
+            user = user[users]  # (B, d)
+        return self.score(user, news[candidates])  # (B, C)

@@ -220,9 +220,13 @@ def test_a_finished_run_resumed_trains_nothing_more_unless_given_more_epochs(wor
     train = world["train"].select(np.arange(len(world["train"])) < 120)
     cfg = FineTuneConfig(accumulate=1, ranker=NRMSConfig(**HEAD, epochs=1))
     first = FineTuneRanker(world["catalogue"], cfg, device="cpu", progress=False)
+    torch.manual_seed(123)
+    caller = torch.get_rng_state()
     first.fit(train, world["valid"], checkpoint_dir=tmp_path / "run")
+    assert torch.equal(torch.get_rng_state(), caller)  # fit seeds and draws on a forked generator
     again = FineTuneRanker(world["catalogue"], cfg, device="cpu", progress=False)
     report = again.fit(train, world["valid"], checkpoint_dir=tmp_path / "run")
+    assert torch.equal(torch.get_rng_state(), caller)  # resuming sets the checkpoint's state, inside the fork
     assert again.resumed_from == 1 and report.epochs == 1
     np.testing.assert_array_equal(again.score(world["dev"]), first.score(world["dev"]))
     # More epochs extend the same run from its last checkpoint.
@@ -280,3 +284,19 @@ def test_export_writes_finetuned_stores_that_rankers_read(fused, world, tmp_path
     before = paths["text"].stat().st_mtime_ns
     assert ranker.export_features(tmp_path / "features", dtype="float32", roles=("text",))["text"] == paths["text"]
     assert paths["text"].stat().st_mtime_ns == before
+
+
+def test_checkpoints_from_before_the_shared_early_stopping_resume_alike():
+    from rankers.finetune import _Progress
+
+    progress = {"epoch": 2, "step": 40, "train_seconds": 3.0, "history": [{"epoch": 1}, {"epoch": 2}],
+                "valid_metrics": {"auc": 0.6}}
+    old = {"progress": {**progress, "best_auc": 0.6, "best_epoch": 1, "stale": 1, "stopped": False}}
+    state, stopper = _Progress.from_meta(old, patience=2, best_state=None)
+    assert state == _Progress(**progress)
+    assert (stopper.best, stopper.best_epoch, stopper.stale, stopper.stopped) == (0.6, 1, 1, False)
+    new = {"progress": progress, "stopping": stopper.progress()}
+    again, same = _Progress.from_meta(new, patience=2, best_state=None)
+    assert again == state and same == stopper
+    same.update(3, 0.5)
+    assert same.stopped  # the second stale epoch with patience 2

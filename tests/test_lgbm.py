@@ -12,8 +12,10 @@ import pytest
 from extractors.registry import create
 from extractors.run import extract_catalogue
 from rankers.data import carve_validation, load_features, load_impressions
+import rankers.lgbm as lgbm_module
 from rankers.lgbm import (
-    IMPORTANCE_FILE, LGBMConfig, LightGBMRanker, feature_matrix, feature_names, resolve_cover, subsample_negatives,
+    IMPORTANCE_FILE, FeatureBuilder, FeatureRows, LGBMConfig, LightGBMRanker, cap_rows, feature_matrix, feature_names,
+    impression_chunks, resolve_cover, subsample_negatives,
 )
 from rankers.metrics import evaluate
 from storage.catalogue import load_catalogue
@@ -230,3 +232,151 @@ def test_cover_column_follows_what_the_features_tell(tiny, tmp_path):
         LightGBMRanker.load(tmp_path / "m", {"text": features["text"]})
     loaded = LightGBMRanker.load(tmp_path / "m", {"text": features["text"]}, has_cover=features["image"].present)
     np.testing.assert_array_equal(loaded.score(tiny["dev"]), text_only.score(tiny["dev"]))
+
+
+# ------------------------------------------------------------------------------------------
+# Rows, chunks and threads
+
+
+def _offsets_and_labels(seed: int = 0, m: int = 200):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(2, 40, m)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    labels = (rng.random(offsets[-1]) < 0.1).astype(np.int8)
+    labels[offsets[:-1]] = 1  # a click and (counts >= 2) a non-click in every impression
+    labels[offsets[:-1] + 1] = 0
+    return offsets, labels
+
+
+def _per_impression(offsets, values):
+    return np.add.reduceat(values.astype(np.int64), offsets[:-1])
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_row_cap_by_negatives_keeps_every_click_and_a_non_click_per_impression(fraction):
+    offsets, labels = _offsets_and_labels()
+    clicks = int(labels.sum())
+    cap = clicks + len(offsets) - 1 + 300  # room for 300 non-clicks above the one per impression
+    config = LGBMConfig(max_rows=cap, neg_fraction=fraction, seed=4)
+    keep = cap_rows(offsets, labels, config)
+    assert clicks + len(offsets) - 1 < keep.sum() <= cap
+    assert keep[labels == 1].all() and (_per_impression(offsets, keep & (labels == 0)) >= 1).all()
+    assert np.array_equal(keep, cap_rows(offsets, labels, config))  # seeded
+    # A subset of what the uncapped fraction keeps (one seed, nested draws).
+    assert not (keep & ~subsample_negatives(offsets, labels, fraction, seed=4)).any()
+    assert cap_rows(offsets, labels, replace(config, max_rows=10**9)).sum() == \
+        subsample_negatives(offsets, labels, fraction, seed=4).sum()
+
+
+def test_row_cap_drops_whole_impressions_when_non_clicks_cannot_give_enough():
+    offsets, labels = _offsets_and_labels()
+    for sampling in ("negatives", "impressions"):
+        keep = cap_rows(offsets, labels, LGBMConfig(max_rows=500, row_sampling=sampling, seed=1))
+        assert 0 < keep.sum() <= 500
+        per = _per_impression(offsets, keep)
+        kept = per > 0
+        if sampling == "impressions":  # whole impressions, as they were
+            assert np.array_equal(per[kept], np.diff(offsets)[kept])
+        else:  # the kept impressions hold every click and one non-click
+            assert np.array_equal(_per_impression(offsets, keep & (labels == 0))[kept], np.ones(kept.sum()))
+        assert kept.sum() < len(offsets) - 1
+
+
+def test_capped_fit_counts_what_it_dropped(tiny):
+    train = tiny["train"]
+    ranker = LightGBMRanker(fusion="text", n_estimators=3, max_rows=2000, row_sampling="impressions")
+    rows = ranker.training_rows(train, tiny["valid"], tiny["features"])
+    info = ranker.fit_info
+    assert info["train_rows"] == len(rows.rows) == rows.group.sum() <= 2000 and (rows.group > 0).all()
+    assert info["train_impressions_capped"] > 0
+    assert info["train_impressions_used"] + info["train_dropped_no_click"] + info["train_dropped_no_nonclick"] + \
+        info["train_impressions_capped"] == info["train_impressions"]
+    assert rows.valid.candidate_counts.sum() <= 2000 < tiny["valid"].candidate_counts.sum()
+    np.testing.assert_array_equal(rows.y, rows.train.labels[rows.rows])
+
+
+def test_chunked_features_equal_the_whole_matrix(tiny, monkeypatch):
+    dev, features = tiny["dev"], tiny["features"]
+    config = LGBMConfig(sources=("text", "image"), fuse="hadamard", history=7)
+    builder = FeatureBuilder(config, features, resolve_cover(features))
+    whole = builder.block(dev, np.arange(len(dev.cand_items)))  # one block: every user once
+    monkeypatch.setattr(lgbm_module, "ROWS_PER_CHUNK", 37)
+    np.testing.assert_array_equal(builder.matrix(dev), whole)
+    rows = np.sort(np.random.default_rng(0).choice(len(dev.cand_items), 500, replace=False))
+    np.testing.assert_array_equal(builder.matrix(dev, rows), whole[rows])
+    sequence = FeatureRows(builder, dev, rows)  # what LightGBM reads: slices and single rows
+    assert len(sequence) == 500
+    np.testing.assert_array_equal(sequence[100:250], whole[rows[100:250]])
+    np.testing.assert_array_equal(sequence[7], whole[rows[7]])
+    imp = dev.row_impression
+    spans = list(impression_chunks(imp, 37))
+    assert spans[0][0] == 0 and spans[-1][1] == len(imp) and all(a < b for a, b in spans)
+    assert all(imp[b - 1] != imp[b] for _, b in spans[:-1])  # no impression is split
+
+
+def test_datasets_built_block_by_block_train_the_same_trees(tiny):
+    import lightgbm as lgb
+
+    ranker = LightGBMRanker(fusion="hadamard", n_estimators=15, patience=15)
+    ranker.fit(tiny["train"], tiny["valid"], tiny["features"])
+    rows = LightGBMRanker(ranker.config).training_rows(tiny["train"], tiny["valid"], tiny["features"])
+    assert len(rows.rows) <= lgbm_module.BIN_SAMPLE  # so the bins come from every row, as LightGBM's own
+    params = ranker.config.booster_params()
+    whole = lgb.Dataset(rows.x, rows.y, group=rows.group, feature_name=rows.builder.names, params=params)
+    valid = lgb.Dataset(rows.valid_x, rows.valid.labels, group=rows.valid.candidate_counts, reference=whole)
+    booster = lgb.train(params, whole, num_boost_round=15, valid_sets=[valid], valid_names=["valid"],
+                        callbacks=[lgb.early_stopping(15, first_metric_only=True, verbose=False)])
+    assert booster.best_iteration == ranker.best_iteration
+    np.testing.assert_array_equal(booster.predict(rows.valid_x, num_iteration=ranker.best_iteration),
+                                  ranker.score(rows.valid))
+
+
+def test_bins_from_a_sample_still_learn_and_scoring_in_chunks_changes_nothing(tiny, monkeypatch):
+    monkeypatch.setattr(lgbm_module, "BIN_SAMPLE", 400)
+    ranker = LightGBMRanker(fusion="hadamard", **FAST)
+    ranker.fit(tiny["train"], tiny["valid"], tiny["features"])
+    assert ranker.fit_info["train_rows"] > 400
+    dev = tiny["dev"]
+    scores = ranker.score(dev)
+    assert evaluate(dev.cand_offsets, dev.labels, scores)["auc"] > AUC_FLOOR
+    monkeypatch.setattr(lgbm_module, "SCORE_ROWS", 50)
+    np.testing.assert_array_equal(ranker.score(dev), scores)
+    np.testing.assert_array_equal(scores, ranker.booster.predict(ranker.features_of(dev),
+                                                                 num_iteration=ranker.best_iteration))
+
+
+def test_threads_default_to_the_machines_cores():
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert LGBMConfig().threads == cores == LGBMConfig().booster_params()["num_threads"]
+    assert LGBMConfig(n_jobs=3).threads == 3 and LGBMConfig(n_jobs=-2).threads == max(1, cores - 1)
+    for bad in (dict(n_jobs=0), dict(max_rows=1), dict(row_sampling="rows"), dict(learning_rate=0.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LGBMConfig(**bad)
+
+
+def test_lambdarank_without_normalisation_improves_on_its_first_tree():
+    """The cause of "best tree = 1" (module docstring), on one weak, monotone feature and
+    impressions of MIND-like sizes: LightGBM's default lambdarank_norm makes the training
+    NDCG@10 fall below the first tree's; the parameters the ranker uses do not."""
+    import lightgbm as lgb
+
+    rng = np.random.default_rng(0)
+    counts = np.clip(rng.lognormal(np.log(30), 0.7, 4000).astype(int), 5, 300)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    x = rng.standard_normal((offsets[-1], 1)).astype(np.float32)
+    labels = (rng.random(offsets[-1]) < 1 / (1 + np.exp(3.5 - 0.3 * x[:, 0]))).astype(int)
+    none = _per_impression(offsets, labels) == 0
+    labels[offsets[:-1][none] + rng.integers(0, counts[none])] = 1  # every impression has a click
+    params = {**LGBMConfig(n_jobs=1).booster_params(), "min_child_samples": 20}
+    curves = {}
+    for norm in (False, True):
+        data = lgb.Dataset(x, labels, group=counts, params={**params, "lambdarank_norm": norm})
+        recorded: dict = {}
+        lgb.train({**params, "lambdarank_norm": norm}, data, 30, valid_sets=[data], valid_names=["train"],
+                  callbacks=[lgb.record_evaluation(recorded)])
+        curves[norm] = recorded["train"]["ndcg@10"]
+    assert params["lambdarank_norm"] is False
+    assert min(curves[False][5:]) > curves[False][0]  # measured 0.248 -> 0.255 .. 0.261
+    assert min(curves[True][1:10]) < curves[True][0]  # measured 0.253 -> 0.237

@@ -13,15 +13,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rankers.attention import AdditiveAttention, MaskedSelfAttention
+from rankers.attention import AdditiveAttention, Dropout, MaskedSelfAttention, keep_mask
 from rankers.base import ROLES, FitReport
 from rankers.data import Impressions, NewsFeatures, carve_validation, load_features, load_impressions
 from rankers.fusion import FEATURE_ROLES, Layer, available, create_fusion, label_of, register, roles_of
 from storage.errors import PipelineError
 from rankers.metrics import evaluate
 from rankers.nrms import NRMS, NRMSConfig
+from rankers.early_stopping import EarlyStopping
 from rankers.train import (
-    NewsBank, NRMSRanker, batch_tensors, build_samples, forward_batch, score_impressions, train_loss,
+    NewsBank, NRMSRanker, batch_tensors, build_samples, distinct_users, forward_batch, impression_order,
+    score_impressions, train_loss,
 )
 
 SMALL = NRMSConfig(dim=16, heads=4, additive_hidden=16, dropout=0.2, history=6, batch_size=16, epochs=1)
@@ -393,3 +395,148 @@ def test_saved_configs_with_unknown_fields_are_refused_by_name(config):
     with pytest.raises(ValueError, match=rf"unknown {name} fields \['bogus'\]"):
         cls.from_dict({**cls().to_dict(), "bogus": 1})
     assert cls.from_dict(cls().to_dict()) == cls()
+
+
+# ------------------------------------------------------------------------------------------
+# Speed-ups that must change nothing: attention, dropout, one user per impression
+
+
+def test_self_attention_computes_what_torch_multihead_attention_does():
+    torch.manual_seed(0)
+    layer = MaskedSelfAttention(16, 4, dropout=0.0)
+    h = torch.randn(5, 7, 16)
+    mask = torch.arange(7)[None, :] < torch.tensor([7, 3, 0, 1, 5])[:, None]
+    expected, _ = layer.attn(h, h, h, key_padding_mask=~mask & mask.any(-1, keepdim=True), need_weights=False)
+    expected = expected.masked_fill(~mask[..., None], 0.0)
+    for training in (False, True):  # SDPA in eval; on the CPU with dropout 0, SDPA too
+        torch.testing.assert_close(layer.train(training)(h, mask), expected, rtol=1e-5, atol=1e-6)
+    # Training on the CPU with dropout takes the explicit path: softmax, the keep mask, values.
+    layer.attn.dropout = 0.25
+    layer.train()
+    torch.manual_seed(7)
+    got = layer(h, mask)
+    torch.manual_seed(7)
+    keep = keep_mask((5 * 4, 7, 7), 0.25, h.device)  # the one draw the explicit path makes
+    q, k, v = (t.view(5, 7, 4, 4).transpose(1, 2) for t in
+               torch.nn.functional.linear(h, layer.attn.in_proj_weight, layer.attn.in_proj_bias).chunk(3, dim=-1))
+    attend = (mask | ~mask.any(-1, keepdim=True))[:, None, None, :]
+    weights = torch.softmax((q @ k.transpose(-1, -2) / 2.0).masked_fill(~attend, float("-inf")), dim=-1)
+    weights = weights * keep.view(5, 4, 7, 7) / 0.75
+    out = torch.nn.functional.linear((weights @ v).transpose(1, 2).reshape(5, 7, 16), layer.attn.out_proj.weight,
+                                     layer.attn.out_proj.bias)
+    torch.testing.assert_close(got, out.masked_fill(~mask[..., None], 0.0), rtol=1e-5, atol=1e-6)
+    assert got.requires_grad and torch.isfinite(got).all()
+
+
+def test_dropout_keeps_the_asked_fraction_reproducibly():
+    torch.manual_seed(3)
+    keep = keep_mask((400, 1000), 0.2, torch.device("cpu"))
+    assert keep.dtype == torch.bool and abs(keep.float().mean().item() - 0.8) < 0.003
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask((400, 1000), 0.2, torch.device("cpu")), keep)
+    assert not torch.equal(keep_mask((400, 1000), 0.2, torch.device("cpu")), keep)
+    x = torch.ones(300, 300)
+    layer = Dropout(0.5)
+    y = layer(x)
+    assert set(y.unique().tolist()) == {0.0, 2.0} and abs(y.mean().item() - 1.0) < 0.02  # scaled by 1 / (1 - p)
+    assert torch.equal(layer.eval()(x), x)
+
+
+def test_one_user_per_impression_gives_the_per_sample_scores_and_gradients():
+    features = random_features()
+    model, bank = build("hadamard", features)
+    imps = random_impressions()
+    rows, mask = imps.histories(6)
+    # Three clicks of impression 4, two of 7, one of 2 (as a batch of samples would hold them).
+    sample_imp = np.array([4, 4, 7, 2, 4, 7])
+    cands = np.random.default_rng(0).integers(0, 40, (6, 3))
+    distinct, users = distinct_users(sample_imp)
+    assert distinct.tolist() == [2, 4, 7] and np.array_equal(distinct[users], sample_imp)
+    results = []
+    for shared in (True, False):
+        model.zero_grad()
+        if shared:
+            batch = batch_tensors(bank, rows[distinct], mask[distinct], cands, users=users)
+        else:
+            batch = batch_tensors(bank, rows[sample_imp], mask[sample_imp], cands)
+        scores = forward_batch(model, batch)
+        train_loss(scores).backward()
+        results.append((scores.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (s1, g1), (s2, g2) = results
+    torch.testing.assert_close(s1, s2, rtol=0, atol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_impression_order_keeps_each_impressions_clicks_together():
+    imps = random_impressions(m=60, seed=3)
+    samples = build_samples(imps, 2, np.random.default_rng(0))
+    order = impression_order(samples, np.random.default_rng(1))
+    assert sorted(order.tolist()) == list(range(len(samples.impression)))
+    seq = samples.impression[order]
+    runs = seq[np.r_[True, seq[1:] != seq[:-1]]]  # one run per impression
+    assert len(runs) == len(set(seq.tolist())) and not np.array_equal(runs, np.sort(runs))
+
+
+# ------------------------------------------------------------------------------------------
+# Early stopping and the caller's random state
+
+
+def test_early_stopping_keeps_the_best_state_and_stops_after_patience():
+    model = torch.nn.Linear(2, 1)
+    stopper = EarlyStopping(patience=2)
+    weights = {}
+    for epoch, auc in enumerate([0.55, 0.60, 0.58, 0.60, 0.59], start=1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        weights[epoch] = model.weight.clone()
+        improved = stopper.update(epoch, auc, model)
+        assert improved == (epoch in (1, 2))
+        if stopper.stopped:
+            break
+    assert (epoch, stopper.best_epoch, stopper.best, stopper.stale) == (4, 2, 0.60, 2)  # a tie is not better
+    stopper.restore(model)
+    assert torch.equal(model.weight, weights[2])
+    assert EarlyStopping.from_progress(2, stopper.progress(), stopper.best_state) == stopper
+    free = EarlyStopping(patience=1)  # nothing to validate on: every epoch is the best, none stops
+    assert all(free.update(e, None) for e in range(1, 5)) and free.best_epoch == 4 and not free.stopped
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=0)
+
+
+def test_fit_leaves_the_callers_random_state_and_is_reproducible():
+    features = random_features(n=40)
+    train = random_impressions(m=40, seed=5)
+    valid = random_impressions(m=12, seed=6)
+    config = dataclasses.replace(SMALL, epochs=2, use_tokens=False)
+    torch.manual_seed(11)
+    caller = torch.get_rng_state()
+    scores = []
+    for _ in range(2):
+        ranker = NRMSRanker("hadamard", config, device="cpu", progress=False)
+        ranker.fit(train, valid, features)
+        assert torch.equal(torch.get_rng_state(), caller)
+        scores.append(ranker.score(valid))
+    np.testing.assert_array_equal(scores[0], scores[1])
+    other = NRMSRanker("hadamard", dataclasses.replace(config, seed=1), device="cpu", progress=False)
+    other.fit(train, valid, features)
+    assert not np.array_equal(other.score(valid), scores[0])
+
+
+def test_token_vectors_from_a_read_only_float16_memmap(tmp_path):
+    import warnings
+
+    features = random_features()["text"]
+    path = tmp_path / "tokens.f16"
+    stored = np.memmap(path, dtype=np.float16, mode="w+", shape=features.tokens.shape)
+    stored[:] = features.tokens
+    stored.flush()
+    mapped = dataclasses.replace(features, tokens=np.memmap(path, dtype=np.float16, mode="r",
+                                                            shape=features.tokens.shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bank = NewsBank({"text": mapped}, {"text": True}, torch.device("cpu"))
+        got = bank.gather(torch.tensor([5, 3]))["text"]
+    width = got.tokens.shape[1]
+    np.testing.assert_array_equal(got.tokens.numpy(), stored[[5, 3], :width].astype(np.float32))
+    assert got.tokens.dtype == torch.float32 and torch.equal(got.mask, torch.from_numpy(features.mask[[5, 3], :width]))
