@@ -39,7 +39,7 @@ def build_flow():
     from flows.pretrain import pretrain_stage
     from flows.rank import rank_task
     from runs.compare import build_report, default_jobs, extractions, plan, thread_share
-    from runs.params import ExtractParams, split_mode
+    from runs.params import ExtractParams
     from runs.pretrain import kinds_needed
     from runs.presets import get_preset, thesis_markdown
     from runs.render import render_markdown
@@ -74,7 +74,7 @@ def build_flow():
         workspace = Workspace(params.storage)
         data = workspace.data_dir(params.data, params.scale, params.world_seed)
         planned = plan(params, data)
-        kinds = kinds_needed(split_mode(spec)[0] for run in planned for spec in run.params.features)
+        kinds = kinds_needed(spec for run in planned for spec in run.params.extractor_specs)
         if kinds:  # the tiny encoders pre-trained on this data, when a run asks for them
             folders = pretrain_stage(kinds, data, params.images, params.storage, params.progress, params.jobs)
             if not isinstance(folders, dict):

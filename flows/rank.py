@@ -47,7 +47,6 @@ def build_flow():
     from prefect.states import Failed
 
     from flows.pretrain import pretrain_stage
-    from runs.params import split_mode
     from runs.pretrain import kinds_needed
     from runs.rank import format_outcome
     from runs.workspace import Workspace
@@ -57,7 +56,7 @@ def build_flow():
     @flow(name="rank")
     def rank(params: RankParams = RankParams()):
         workspace = Workspace(params.storage)
-        kinds = kinds_needed(split_mode(spec)[0] for spec in params.features) if params.stores or params.finetune else []
+        kinds = kinds_needed(params.extractor_specs)
         if kinds:  # the tiny encoders pre-trained on this data, when asked for
             data = workspace.data_dir(params.data, params.scale, params.world_seed)
             folders = pretrain_stage(kinds, data, params.images, params.storage, params.progress)

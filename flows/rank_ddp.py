@@ -39,12 +39,11 @@ def prepare(params: RankParams) -> Path:
     from runs.rank import dataset, resolve_stores
     from runs.workspace import Workspace
 
-    from runs.params import split_mode
     from runs.pretrain import ensure_pretrained, kinds_needed
 
     workspace = Workspace(params.storage)
     ds = dataset(params, workspace)
-    for kind in kinds_needed(split_mode(spec)[0] for spec in params.features):
+    for kind in kinds_needed(params.extractor_specs):
         ensure_pretrained(kind, ds.data, params.images, params.storage, params.progress)
     resolve_stores(params, workspace, ds)  # fine-tuning reads titles and images: no stores
     return ds.data

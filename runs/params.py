@@ -380,6 +380,13 @@ class RankParams(BaseModel):
         return self
 
     @property
+    def extractor_specs(self) -> list[str]:
+        """The extractors this run reads (frozen, fine-tuned or to fine-tune), without their @mode."""
+        if self.finetune:
+            return list(role_specs(self.features, self.fusion).values())
+        return [split_mode(spec)[0] for spec in self.stores.values()]
+
+    @property
     def stores(self) -> dict[str, str]:
         """Role -> feature spec of a ranker over stores (empty for baselines and fine-tuning)."""
         if self.finetune or not ranker_entry(self.ranker).reads_features:
