@@ -66,6 +66,7 @@ from rankers.train import (
     train_loss,
 )
 from storage.catalogue import Catalogue
+from storage import atomic
 from storage.errors import PipelineError
 
 FORMAT = "mmnews-finetune-v1"
@@ -504,12 +505,13 @@ class FineTuneRanker:
             return files
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(folder / MODEL_FILE), metadata={"format": FORMAT})
+        with atomic.atomic_path(folder / MODEL_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": FORMAT})
         if "text" in self.model.extractors:
             self.model.extractors["text"].tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
         meta = {"format": FORMAT, "ranker": "nrms-finetune", "fusion": self.fusion, "config": self.config.to_dict(),
                 "categories": self.categories, "catalogue": self.catalogue.fingerprint()}
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        atomic.write_json(folder / CONFIG_FILE, meta)
         return files
 
     @classmethod

@@ -87,6 +87,7 @@ import numpy as np
 from rankers.base import ROLES, FitReport, check_fields
 from rankers.data import HISTORY, Impressions, NewsFeatures
 from rankers.metrics import evaluate
+from storage import atomic
 from storage.errors import PipelineError
 
 MODEL_FILE = "model.txt"
@@ -797,17 +798,19 @@ class LightGBMRanker:
             raise PipelineError("nothing to save: the ranker is not fitted")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.booster.save_model(str(folder / MODEL_FILE), num_iteration=self.best_iteration)
+        # Written by us, not by LightGBM's C++ writer: on a full disk that prints its own
+        # "[Fatal]" line and can leave a truncated model.txt (storage/atomic.py).
+        atomic.write_text(folder / MODEL_FILE, self.booster.model_to_string(num_iteration=self.best_iteration))
         meta = {
             "format": FORMAT, "ranker": "lightgbm", "name": self.name, "config": self.config.to_dict(),
             "feature_names": self.feature_names, "best_iteration": self.best_iteration,
             "pooling": self._builder.pooling,
             "features": self.store_names, "fit_info": self.fit_info,
         }
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        np.savez(folder / CENTRES_FILE, **self._builder.centres)
+        atomic.write_json(folder / CONFIG_FILE, meta)
+        atomic.save_npz(folder / CENTRES_FILE, self._builder.centres)
         importance = {"type": "gain", "best_iteration": self.best_iteration, "importance": self.importance()}
-        (folder / IMPORTANCE_FILE).write_text(json.dumps(importance, indent=2) + "\n")
+        atomic.write_json(folder / IMPORTANCE_FILE, importance, sort_keys=False)
         return [folder / MODEL_FILE, folder / CONFIG_FILE, folder / CENTRES_FILE, folder / IMPORTANCE_FILE]
 
     @classmethod

@@ -62,6 +62,7 @@ from rankers.early_stopping import EarlyStopping
 from rankers.fusion import roles_of
 from rankers.metrics import evaluate
 from rankers.nrms import NRMS, NRMSConfig, RoleInput
+from storage import atomic
 from storage.errors import PipelineError
 
 MODEL_FILE = "model.safetensors"
@@ -570,7 +571,8 @@ class NRMSRanker:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(folder / MODEL_FILE), metadata={"format": FORMAT})
+        with atomic.atomic_path(folder / MODEL_FILE) as tmp:
+            save_file(state, str(tmp), metadata={"format": FORMAT})
         meta = {
             "format": FORMAT,
             "ranker": "nrms",
@@ -581,7 +583,7 @@ class NRMSRanker:
             "features": self.feature_names,
             "config": self.config.to_dict(),
         }
-        (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        atomic.write_json(folder / CONFIG_FILE, meta)
         return [folder / MODEL_FILE, folder / CONFIG_FILE]
 
     @classmethod

@@ -35,6 +35,7 @@ from runs.workspace import Workspace
 from storage.errors import PipelineError
 
 DEFAULT_BASELINES = ("random", "popularity", "oracle")
+LIGHTGBM_OPTIONS = ("lgbm_trees", "lgbm_learning_rate", "lgbm_neg_fraction", "lgbm_max_rows")
 CONTROL = "text+cover"
 """The presence control: text plus only whether the news has a cover (rankers.fusion)."""
 ENHANCED = " · enhanced titles"
@@ -147,8 +148,9 @@ def _grid_runs(params: CompareParams, data: Path | None) -> list[PlannedRun]:
         for source in order:
             label = run_label(ranker, source)
             reference = grid_reference(source, params.sources)
+            lightgbm = {k: getattr(params, k) for k in LIGHTGBM_OPTIONS} if ranker == "lightgbm" else {}
             runs.append(PlannedRun(label, _rank_params(
-                label, data=data, images=params.images, features=[specs[r] for r in roles_of(source) if r in specs],
+                label, **lightgbm, data=data, images=params.images, features=[specs[r] for r in roles_of(source) if r in specs],
                 fusion=source, ranker=ranker, device=params.device, epochs=params.epochs, tokens=params.tokens,
                 seed=params.seed, threads=thread_share(params), storage=params.storage, scale=params.scale, world_seed=params.world_seed,
                 score_test=params.score_test, allow_no_images=params.allow_no_images, progress=params.progress,

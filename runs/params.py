@@ -291,6 +291,11 @@ class RankParams(BaseModel):
     grad_checkpointing: bool = False
     accumulate: int | None = Field(None, ge=1, le=1024)
     encoder_lr: float | None = Field(None, gt=0, le=1)
+    # LightGBM (None: LGBMConfig's defaults)
+    lgbm_trees: int | None = Field(None, ge=1, le=100_000)
+    lgbm_learning_rate: float | None = Field(None, gt=0, le=1)
+    lgbm_neg_fraction: float | None = Field(None, gt=0, le=1)
+    lgbm_max_rows: int | None = Field(None, ge=2)
 
     @model_validator(mode="before")
     @classmethod
@@ -356,6 +361,20 @@ class RankParams(BaseModel):
         if value not in (None, 0, False):
             _needs(f"--{info.field_name.replace('_', '-')}", info, "finetune", "it is a fine-tuning option")
         return value
+
+    @field_validator("lgbm_trees", "lgbm_learning_rate", "lgbm_neg_fraction", "lgbm_max_rows")
+    @classmethod
+    def _lightgbm_only(cls, value, info: ValidationInfo):
+        if value is not None and info.data.get("ranker") != "lightgbm":
+            raise ValueError(f"--{info.field_name.replace('_', '-')} is a LightGBM option; add --ranker lightgbm")
+        return value
+
+    @property
+    def lightgbm_options(self) -> dict:
+        """The LGBMConfig fields this run sets (the rest keep LGBMConfig's defaults)."""
+        fields = {"lgbm_trees": "n_estimators", "lgbm_learning_rate": "learning_rate",
+                  "lgbm_neg_fraction": "neg_fraction", "lgbm_max_rows": "max_rows"}
+        return {name: getattr(self, key) for key, name in fields.items() if getattr(self, key) is not None}
 
     @field_validator("run_name")
     @classmethod
@@ -429,6 +448,10 @@ class CompareParams(BaseModel):
     tokens: bool = False
     seed: int = Field(0, ge=0)
     seeds: int = Field(1, ge=1, le=50)  # every trained run with seeds seed, seed+1, ...
+    lgbm_trees: int | None = Field(None, ge=1, le=100_000)
+    lgbm_learning_rate: float | None = Field(None, gt=0, le=1)
+    lgbm_neg_fraction: float | None = Field(None, gt=0, le=1)
+    lgbm_max_rows: int | None = Field(None, ge=2)
     jobs: int | None = Field(None, ge=1, le=64)  # None: runs.compare.default_jobs
     n_boot: int = Field(1000, ge=100, le=100_000)
     score_test: bool = False

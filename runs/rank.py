@@ -183,7 +183,7 @@ def _fit_on_stores(params: RankParams, workspace: Workspace, ds: Dataset, train,
         options = dict(fusion=params.fusion, device=params.device, progress=params.progress,
                        config=nrms_config(params))
     elif params.ranker == "lightgbm":
-        options.update(fusion=params.fusion)
+        options.update(fusion=params.fusion, **params.lightgbm_options)
         if COVER in features:  # LightGBM takes the flag as a feature, not as a store
             options.update(has_cover=features.pop(COVER).vectors[:, 0] > 0)
         if params.threads is not None:
