@@ -25,7 +25,7 @@ WORLD := storage/data/synthetic-small-seed0
 demo: sync
 	$(VENV_PY) -m storage.synthetic --scale small --seed 0 --out $(WORLD)
 	$(VENV_PY) -m storage.mind validate $(WORLD)
-	$(VENV_PY) -m flows.compare --data $(WORLD) --name demo
+	$(VENV_PY) -m flows.compare --data $(WORLD) --name demo --seeds 3
 
 # Both cores: pytest-xdist, one file per worker at a time (module fixtures are built once).
 test: sync
