@@ -21,9 +21,13 @@ def _calibration():
 
 @pytest.mark.slow
 def test_null_worlds_get_no_content_verdict_and_a_planted_one_does(tmp_path, prefect_harness):
+    # LightGBM: deterministic given its data, so one training seed is its whole story. NRMS's
+    # seeds move the tiny world's dev AUC by several hundredths: its verdicts need several
+    # seeds (compare --seeds), which benchmarks/calibration.py runs and a test cannot afford.
     calibration = _calibration()
     for seed in (1, 2):
-        result = calibration.calibrate("null", seed, "tiny", tmp_path, extractors="tiny", n_boot=300)
+        result = calibration.calibrate("null", seed, "tiny", tmp_path, rankers=("lightgbm",), extractors="tiny",
+                                       n_boot=300)
         for ranker, answers in result["answers"].items():
             assert answers["content"] != "yes", (seed, ranker, answers)
             assert answers["presence"] != "yes", (seed, ranker, answers)
