@@ -11,7 +11,7 @@ export DO_NOT_TRACK ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 VENV_PY := $(CURDIR)/.venv/bin/python
 
-.PHONY: demo test sync bench clean
+.PHONY: demo test sync bench calibration gpu clean
 
 $(CURDIR)/.tools/bin/uv:
 	$(PYTHON) -m venv $(CURDIR)/.tools
@@ -38,6 +38,16 @@ bench: sync
 	$(VENV_PY) benchmarks/rank_train.py
 	$(VENV_PY) benchmarks/lgbm.py
 	$(VENV_PY) benchmarks/finetune.py
+	$(VENV_PY) benchmarks/store_read.py
+	$(VENV_PY) benchmarks/pretrain.py
+
+# Worlds where images carry nothing, only presence, or content (about an hour on 2 cores).
+calibration: sync
+	$(VENV_PY) benchmarks/calibration.py
+
+# Every GPU figure in one run (about 8 minutes on one H100/H200; needs a CUDA GPU).
+gpu: sync
+	$(VENV_PY) benchmarks/gpu.py
 
 clean:
 	rm -rf storage/data storage/features storage/models storage/reports .pytest_cache

@@ -285,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         doc = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                "epoch_samples": epoch_samples, "epoch_steps": epoch_steps, "valid_scoring_s": valid_s,
+               "train_impressions": len(train), "samples_per_impression": per_impression,
                "results": rows, "target_minutes": TARGET_MINUTES, "at_target_config": at_target,
                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                            "device": str(device), "load_average": load}}

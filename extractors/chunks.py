@@ -23,6 +23,8 @@ Letters: C chunk rows, B batch, L tokens, D width, Dt token width, E extra width
 
 from __future__ import annotations
 
+from collections import Counter
+
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +37,9 @@ from storage.features import FeatureWriter
 log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+GPU_PATHS: Counter[str] = Counter()
+"""How often the GPU-only code paths ran in this process (pinned host buffers, copy events,
+bf16 autocast): what benchmarks/gpu.py checks, since no test can run them."""
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -60,6 +65,8 @@ class _Chunk:
     def empty(cls, writer: FeatureWriter, rows: int, device: torch.device, pin: bool = False) -> _Chunk:
         meta = writer.meta
         dtype = TORCH_DTYPES[meta.dtype]
+        if pin:
+            GPU_PATHS["pinned chunk buffers"] += 1
         vectors = torch.empty(rows, meta.dim, dtype=dtype, device=device, pin_memory=pin)
         extras = {name: torch.empty(rows, width, dtype=dtype, device=device, pin_memory=pin)
                   for name, width in meta.extras.items()}
@@ -186,6 +193,7 @@ class ChunkWriter:
             if self.device.type == "cuda":
                 copied = torch.cuda.Event()
                 copied.record()
+                GPU_PATHS["copy events"] += 1
         self._wait()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")

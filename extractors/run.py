@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from extractors.checkpoints import identity_slug, slug_of
-from extractors.chunks import ChunkWriter, to_device
+from extractors.chunks import GPU_PATHS, ChunkWriter, to_device
 from extractors.config import TINY
 from extractors.images import CONVERTED, CORRUPT, MISSING, CardDataset, normalize, worker_context
 from storage.catalogue import Catalogue
@@ -343,6 +343,7 @@ def _open_writer(path: Path, meta: StoreMeta, ids: np.ndarray, attrs: dict | Non
 
 def _autocast(dev: torch.device):
     if dev.type == "cuda":
+        GPU_PATHS["bf16 autocast (extraction)"] += 1
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

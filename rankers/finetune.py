@@ -62,7 +62,7 @@ from rankers.nrms import NRMSConfig
 from rankers.plmnr import FineTuneNRMS, RawNewsBank, enable_gradient_checkpointing, freeze_lowest, token_statistics
 from rankers.surgery import combine
 from rankers.train import (
-    Batch, Samples, _scorable, autocast, batch_tensors, build_samples, isolated_rng, resolve_device, score_impressions,
+    GPU_PATHS, Batch, Samples, _scorable, autocast, batch_tensors, build_samples, isolated_rng, resolve_device, score_impressions,
     train_loss,
 )
 from storage.catalogue import Catalogue
@@ -258,6 +258,8 @@ class FineTuneRanker:
         for g in groups:
             g["base_lr"] = g["lr"]
         fused = {"fused": True} if self.device.type == "cuda" else {}
+        if fused:
+            GPU_PATHS["fused AdamW (fine-tuning)"] += 1
         return torch.optim.AdamW(groups, lr=cfg.ranker.lr, weight_decay=cfg.ranker.weight_decay, **fused)
 
     def _identity(self, train: Impressions) -> dict:

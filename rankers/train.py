@@ -47,6 +47,7 @@ import contextlib
 import json
 import time
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,14 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+GPU_PATHS: Counter[str] = Counter()
+"""How often the GPU-only code paths ran in this process (bf16 autocast, the fused AdamW):
+what benchmarks/gpu.py checks, since no test can run them."""
+
+
 def autocast(device: torch.device) -> torch.autocast:
+    if device.type == "cuda":
+        GPU_PATHS["bf16 autocast (training)"] += 1
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
