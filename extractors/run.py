@@ -42,6 +42,7 @@ import torch
 
 from extractors.checkpoints import identity_slug, slug_of
 from extractors.chunks import GPU_PATHS, ChunkWriter, to_device
+from extractors.device import resolve_device
 from extractors.config import TINY
 from extractors.images import CONVERTED, CORRUPT, MISSING, CardDataset, normalize, worker_context
 from storage.catalogue import Catalogue
@@ -74,14 +75,6 @@ class ExtractionResult:
     def rows_per_second(self) -> float:
         done = self.rows - self.resumed_from
         return done / self.seconds if self.seconds > 0 and not self.cached else 0.0
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda was asked for, but torch sees no CUDA GPU here; use --device cpu or auto")
-    return torch.device(device)
 
 
 WORKERS_FROM_ROWS = 1000

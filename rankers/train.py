@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from extractors.device import resolve_device
 from rankers import distributed
 from rankers.base import FitReport
 from rankers.data import Impressions, NewsFeatures
@@ -69,15 +70,6 @@ from storage.errors import PipelineError
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT = "mmnews-nrms-v1"
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"device {device!r} was asked for but CUDA is not available; use --device cpu or auto")
-    return dev
 
 
 GPU_PATHS: Counter[str] = Counter()
