@@ -66,3 +66,35 @@ def run_bounded(task, calls: list[tuple], jobs: int) -> list:
         done.wait()
         states[i] = running.pop(i).state
     return states
+
+
+# ----------------------------------------------------------------------------- shared options
+
+
+def add_allow_no_images(p) -> None:
+    p.add_argument("--allow-no-images", action="store_true",
+                   help="run image extractors even when no news has a cover file (every image vector then comes "
+                   "from a title-only card); without it such a run is refused, and one with under 20%% of news "
+                   "covered is warned (IM-MIND covers 44%% of MIND-small)")
+
+
+def add_lightgbm_options(p) -> None:
+    lg = p.add_argument_group("LightGBM", "Defaults: rankers/lgbm.py LGBMConfig (500 trees with early stopping on "
+                              "valid NDCG@10, learning rate 0.1, every non-click, at most 1,000,000 training rows)")
+    lg.add_argument("--lgbm-trees", type=int, metavar="N", help="boosting rounds at most (early stopping may end sooner)")
+    lg.add_argument("--lgbm-learning-rate", type=float, metavar="LR", help="shrinkage per tree")
+    lg.add_argument("--lgbm-neg-fraction", type=float, metavar="F",
+                    help="keep this fraction of each impression's non-clicks (every click, at least one non-click)")
+    lg.add_argument("--lgbm-max-rows", type=int, metavar="N",
+                    help="training rows at most: fewer non-clicks per impression, then fewer impressions")
+
+
+def add_world_options(p) -> None:
+    """--storage, and the synthetic world used when --data is absent; --no-progress."""
+    from pathlib import Path
+
+    p.add_argument("--storage", type=Path, help="storage root (default: $MMNEWS_STORAGE or ./storage)")
+    p.add_argument("--scale", choices=["tiny", "small", "mind-small"], default="small",
+                   help="synthetic world scale when --data is absent")
+    p.add_argument("--world-seed", type=int, default=0, help="synthetic world seed when --data is absent")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

@@ -22,7 +22,7 @@ import datetime as _dt
 from collections.abc import Sequence
 from pathlib import Path
 
-from flows.common import guarded, run_bounded, run_flow, validated
+from flows.common import add_allow_no_images, add_lightgbm_options, add_world_options, guarded, run_bounded, run_flow, validated
 from runs.params import CompareParams
 from storage import atomic
 from storage.errors import run_cli
@@ -153,18 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-test", action="store_true",
                    help="also write each run's prediction_test.txt when the dataset has a test split (the report "
                    "reads dev only)")
-    p.add_argument("--allow-no-images", action="store_true",
-                   help="run image extractors even when no news has a cover file (every image vector then comes "
-                   "from a title-only card); without it such a run is refused, and one with under 20%% of news "
-                   "covered is warned (IM-MIND covers 44%% of MIND-small)")
-    lg = p.add_argument_group("LightGBM", "Defaults: rankers/lgbm.py LGBMConfig (500 trees with early stopping on "
-                              "valid NDCG@10, learning rate 0.1, every non-click, at most 1,000,000 training rows)")
-    lg.add_argument("--lgbm-trees", type=int, metavar="N", help="boosting rounds at most (early stopping may end sooner)")
-    lg.add_argument("--lgbm-learning-rate", type=float, metavar="LR", help="shrinkage per tree")
-    lg.add_argument("--lgbm-neg-fraction", type=float, metavar="F",
-                    help="keep this fraction of each impression's non-clicks (every click, at least one non-click)")
-    lg.add_argument("--lgbm-max-rows", type=int, metavar="N",
-                    help="training rows at most: fewer non-clicks per impression, then fewer impressions")
+    add_allow_no_images(p)
+    add_lightgbm_options(p)
     p.add_argument("--seed", type=int, default=0, help="ranker seed (and the bootstrap's)")
     p.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="train every ranker run N times, with seeds SEED to SEED+N-1, on the same stores; the report "
@@ -173,11 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ranking runs trained at once (default: one per core on a CPU, each run single-threaded; "
                    "1 with --device cuda)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
-    p.add_argument("--storage", type=Path, help="storage root (default: $MMNEWS_STORAGE or ./storage)")
-    p.add_argument("--scale", choices=["tiny", "small", "mind-small"], default="small", help="synthetic world scale when --data is absent")
-    p.add_argument("--world-seed", type=int, default=0, help="synthetic world seed when --data is absent")
     p.add_argument("--name", help="report folder name (default: <dataset>__[<preset>__]<UTC time>)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_world_options(p)
     return p
 
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from flows.common import guarded, run_flow, validated
+from flows.common import add_allow_no_images, add_world_options, guarded, run_flow, validated
 from runs.params import ExtractParams
 from storage.errors import PipelineError, run_cli
 
@@ -260,14 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --shards: a Dask scheduler (tcp://HOST:PORT) whose workers see the storage root at the "
                    "same path and have PREFECT_API_URL set to this run's Prefect server (default: a local cluster of "
                    "--shards worker processes on 127.0.0.1, set up for both)")
-    p.add_argument("--allow-no-images", action="store_true",
-                   help="run image extractors even when no news has a cover file (every image vector then comes "
-                   "from a title-only card); without it such a run is refused, and one with under 20%% of news "
-                   "covered is warned (IM-MIND covers 44%% of MIND-small)")
-    p.add_argument("--storage", type=Path, help="storage root (default: $MMNEWS_STORAGE or ./storage)")
-    p.add_argument("--scale", choices=["tiny", "small", "mind-small"], default="small", help="synthetic world scale when --data is absent")
-    p.add_argument("--world-seed", type=int, default=0, help="synthetic world seed when --data is absent")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_allow_no_images(p)
+    add_world_options(p)
     return p
 
 

@@ -16,7 +16,7 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from flows.common import guarded, run_bounded, run_flow, validated
+from flows.common import add_world_options, guarded, run_bounded, run_flow, validated
 from runs.params import PretrainParams
 from storage.errors import run_cli
 
@@ -98,11 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", action="append", dest="extractors", choices=["bert", "vit", "blip"],
                    help="which to pre-train (repeat; default all three; blip also pre-trains bert, which it starts from)")
     p.add_argument("--jobs", type=int, metavar="N", help="encoders pre-trained at once (default: one per core)")
-    p.add_argument("--storage", type=Path, help="storage root (default: $MMNEWS_STORAGE or ./storage)")
-    p.add_argument("--scale", choices=["tiny", "small", "mind-small"], default="small",
-                   help="synthetic world scale when --data is absent")
-    p.add_argument("--world-seed", type=int, default=0, help="synthetic world seed when --data is absent")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_world_options(p)
     return p
 
 

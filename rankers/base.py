@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from extractors.registry import ROLES
+from extractors.registry import ROLES  # noqa: F401 - the rankers' feature roles, re-exported
 from rankers.data import Impressions, NewsFeatures
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rankers.base import FitReport, Ranker
+from rankers.base import FitReport
 from rankers.data import Impressions, NewsFeatures
 from rankers.metrics import evaluate
 from storage.atomic import save_npz, write_json

@@ -1616,7 +1616,7 @@ def _print_info(path: Path, verdict: Verdict) -> None:
         print("extras       " + (", ".join(f"{name} ({n}, {width})" for name, width in meta.extras.items()) or "none"))
         print(f"fingerprint  {meta.fingerprint}")
         print(f"created      {header.created}")
-        print(f"versions     " + ", ".join(f"{k} {v}" for k, v in sorted(header.versions.items())))
+        print("versions     " + ", ".join(f"{k} {v}" for k, v in sorted(header.versions.items())))
         print(f"format       {FORMAT} v{header.format_version}")
         if verdict.blocks_total is not None:
             print(f"checksums    {CHECKSUM} per {header.block_bytes}-byte block of rows: "

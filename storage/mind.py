@@ -36,7 +36,6 @@ import argparse
 import datetime
 import hashlib
 import json
-import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field

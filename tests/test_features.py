@@ -27,7 +27,6 @@ from storage.features import (
     FeatureStore,
     FeatureWriter,
     StoreIOError,
-    StoreMeta,
     main,
     partial_path,
     progress_path,

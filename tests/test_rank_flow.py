@@ -49,7 +49,6 @@ def test_prediction_file_scores_as_reported(world, tmp_path, ranker, fusion, fea
 
 
 def test_fusion_without_its_features_is_a_clear_error(world, tmp_path):
-    from storage.errors import PipelineError
 
     from pydantic import ValidationError
 

@@ -341,7 +341,6 @@ def test_pretrained_checkpoints_resolve_to_their_folder_and_are_reused(tiny_worl
 def test_the_text_plus_cover_arm_knows_only_whether_there_is_a_cover(tiny_world, tmp_path):
     import json
 
-    import numpy as np
 
     from runs.rank import run_rank
 
