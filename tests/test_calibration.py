@@ -24,15 +24,16 @@ def test_null_worlds_get_no_content_verdict_and_a_planted_one_does(tmp_path, pre
     # LightGBM: deterministic given its data, so one training seed is its whole story. NRMS's
     # seeds move the tiny world's dev AUC by several hundredths: its verdicts need several
     # seeds (compare --seeds), which benchmarks/calibration.py runs and a test cannot afford.
+    # jobs=1: the runs one at a time in this process (the suite's other worker has the other core).
     calibration = _calibration()
     for seed in (1, 2):
         result = calibration.calibrate("null", seed, "tiny", tmp_path, rankers=("lightgbm",), extractors="tiny",
-                                       n_boot=300)
+                                       n_boot=300, jobs=1)
         for ranker, answers in result["answers"].items():
             assert answers["content"] != "yes", (seed, ranker, answers)
             assert answers["presence"] != "yes", (seed, ranker, answers)
     # The default world, where a cover's content matters through each user's taste: at the small
     # scale (the tiny world's 300 dev impressions cannot resolve a gain of about 0.01 AUC).
     result = calibration.calibrate("content", 0, "small", tmp_path, rankers=("lightgbm",), extractors="tiny",
-                                   n_boot=300)
+                                   n_boot=300, jobs=1)
     assert result["answers"]["lightgbm"]["content"] == "yes", result

@@ -112,7 +112,8 @@ def test_preset_cli_errors_are_one_line(tmp_path):
 def _run(tiny_world, storage, preset: str, **options) -> tuple[Path, dict]:
     from flows.compare import build_flow
 
-    params = CompareParams(data=tiny_world, preset=preset, storage=storage, epochs=1, finetune_epochs=1, n_boot=200,
+    # jobs=1: one run at a time, in this process (the suite's other worker has the other core).
+    params = CompareParams(data=tiny_world, preset=preset, storage=storage, epochs=1, finetune_epochs=1, n_boot=200, jobs=1,
                            **{"text": "bert", "image": "vit", "blip": "blip", **options},
                            name=preset, progress=False)
     result = build_flow()(params)
