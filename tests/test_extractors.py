@@ -344,3 +344,48 @@ def test_huge_titles_are_cut_before_tokenising(tmp_path, monkeypatch):
                                                                         call(self, titles))[1])
     extract_catalogue(bert, load_catalogue(data), tmp_path / "features", device="cpu", progress=False)
     assert seen and max(seen) <= 2048
+
+
+# ------------------------------------------------------------------------------ title-card cache
+
+
+def test_title_cards_are_rendered_once_then_read_back_equal(tmp_path, monkeypatch):
+    import storage.cards as cards
+
+    cache = tmp_path / "title-cards"
+    first = cards.title_card("A title", "news", cache)
+    files = list(cache.iterdir())
+    assert [f.name for f in files] == [cards.title_card_name("A title", "news")]
+    assert np.array_equal(np.asarray(first), np.asarray(cards.render_card("A title", "news")))
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("a cached card was drawn again")
+
+    monkeypatch.setattr(cards, "render_card", no_drawing)
+    again = cards.title_card("A title", "news", cache)
+    assert np.array_equal(np.asarray(again), np.asarray(first)) and again.mode == "RGB"
+    # What the card shows names it: another title, category or card style is another file.
+    assert len({cards.title_card_name("A title", "news"), cards.title_card_name("A title", "sports"),
+                cards.title_card_name("A title.", "news")}) == 3
+    monkeypatch.setattr(cards, "CARD_STYLE", cards.CARD_STYLE + 1)
+    assert cards.title_card_name("A title", "news") != files[0].name
+
+
+def test_a_damaged_cached_card_is_drawn_again_and_an_unwritable_cache_only_costs_time(tmp_path):
+    import storage.cards as cards
+
+    cache = tmp_path / "title-cards"
+    expected = np.asarray(cards.render_card("A title", "news"))
+    cards.title_card("A title", "news", cache)
+    path = cache / cards.title_card_name("A title", "news")
+    for damage in (path.read_bytes()[:200], b"not a png at all", b""):
+        path.write_bytes(damage)
+        assert np.array_equal(np.asarray(cards.title_card("A title", "news", cache)), expected)
+        assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), expected)  # replaced whole
+    # A cache that cannot be written (here: under a file, so nothing can be made there).
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert np.array_equal(np.asarray(cards.title_card("Other", "news", blocked / "title-cards")),
+                          np.asarray(cards.render_card("Other", "news")))
+    assert sorted(p.name for p in cache.iterdir()) == [path.name]  # and nothing partial left anywhere
+    assert blocked.read_text() == ""
