@@ -3,18 +3,12 @@
     .venv/bin/python benchmarks/mind_small_rows.py [--scale mind-small] [--rows extraction,loading,startup]
 
 - extraction: `flows.extract --extractor vit` (tiny) over every news and card of the world,
-  before (cards decoded in the main process, `--workers 0`, the old default on a CPU, every
-  title-only card drawn) and now (the default: one DataLoader worker per core), first with an
-  empty title-card cache (each card drawn and written) and then again with the cache filled
-  (what every later image extraction of the dataset pays), in this run;
+  before (cards decoded in the main process, `--workers 0`, the old default on a CPU) and now
+  (the default: one DataLoader worker per core), each into a fresh folder, in this run;
 - loading: what a ranking run reads before it trains, before (the catalogue, then each split
   read on its own with its news.tsv parsed again, as flows.rank did: 6 parses of a news.tsv)
   and now (runs.workspace: each news.tsv and behaviors.tsv parsed once), with the parses
   counted;
-- cards: what a cache of title-only cards would save. A news without a cover gets a card
-  rendered from its title at extraction time (extractors.images.CardDataset); a cache would
-  replace the render by a PNG decode. Both timed over the world's first 2,000 titles without a
-  cover, in this process, with the PNG's size;
 - startup: a bad plan refused by `python -m flows.compare` (no Prefect server is started), and
   a temporary Prefect server's start, each timed from the outside.
 LightGBM and NRMS rows: benchmarks/lgbm.py and benchmarks/rank_train.py. The world is made
@@ -45,9 +39,8 @@ def world(cache: Path, scale: str) -> Path:
     return out
 
 
-def extraction(data: Path, workers: int | None, out: Path, card_cache: bool) -> tuple[float, int]:
-    """Seconds and workers of a tiny-ViT extraction into `out` with `workers` (None: the
-    default), with or without the title-card cache (kept in `out`); the store is removed after."""
+def extraction(data: Path, workers: int | None) -> tuple[float, int]:
+    """Seconds and news of a tiny-ViT extraction with `workers` (None: the default)."""
     from extractors.registry import create
     from extractors.run import default_workers, extract_catalogue
     from storage.catalogue import load_catalogue
@@ -55,12 +48,10 @@ def extraction(data: Path, workers: int | None, out: Path, card_cache: bool) -> 
     catalogue = load_catalogue(data)
     extractor = create("vit")
     chosen = default_workers("cpu", len(catalogue)) if workers is None else workers
-    started = time.perf_counter()
-    result = extract_catalogue(extractor, catalogue, out, device="cpu", num_workers=chosen, progress=False,
-                               card_cache=card_cache)
-    seconds = time.perf_counter() - started
-    Path(result.path).unlink()
-    return seconds, chosen
+    with tempfile.TemporaryDirectory(prefix="vit-bench-") as out:
+        started = time.perf_counter()
+        extract_catalogue(extractor, catalogue, Path(out), device="cpu", num_workers=chosen, progress=False)
+        return time.perf_counter() - started, chosen
 
 
 def loading(data: Path, old: bool) -> tuple[float, Counter]:
@@ -106,40 +97,6 @@ def loading(data: Path, old: bool) -> tuple[float, Counter]:
         storage.mind.read_behaviors = rankers.data.read_behaviors = real_behaviors
 
 
-def cards(data: Path, n: int = 2000) -> dict:
-    """Milliseconds per card: render a title-only card, decode the same card from PNG, and the
-    resize both then share; the mean PNG size."""
-    import io
-
-    from PIL import Image
-
-    from storage.cards import render_card
-    from storage.catalogue import load_catalogue
-
-    catalogue = load_catalogue(data)
-    rows = [i for i in range(len(catalogue)) if catalogue.image_path(i) is None][:n]
-    titles = [(str(catalogue.title[i]), str(catalogue.category[i])) for i in rows]
-    started = time.perf_counter()
-    rendered = [render_card(t, c) for t, c in titles]
-    render = (time.perf_counter() - started) / len(rows)
-    pngs = []
-    for card in rendered:
-        buffer = io.BytesIO()
-        card.save(buffer, "PNG", compress_level=1)
-        pngs.append(buffer.getvalue())
-    started = time.perf_counter()
-    for png in pngs:
-        Image.open(io.BytesIO(png)).convert("RGB").load()
-    decode = (time.perf_counter() - started) / len(rows)
-    started = time.perf_counter()
-    for card in rendered:
-        card.resize((224, 224), Image.BICUBIC)
-    resize = (time.perf_counter() - started) / len(rows)
-    return {"n": len(rows), "uncovered": sum(catalogue.image_path(i) is None for i in range(len(catalogue))),
-            "render_ms": render * 1e3, "decode_ms": decode * 1e3, "resize_ms": resize * 1e3,
-            "png_kb": sum(map(len, pngs)) / len(pngs) / 1e3}
-
-
 def startup() -> dict:
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # nothing answers: nothing may reach it
     started = time.perf_counter()
@@ -162,7 +119,7 @@ def startup() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scale", default="mind-small", choices=["tiny", "small", "mind-small"])
-    p.add_argument("--rows", default="extraction,loading,cards,startup")
+    p.add_argument("--rows", default="extraction,loading,startup")
     p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
     args = p.parse_args(argv)
     rows = {r.strip() for r in args.rows.split(",")}
@@ -175,31 +132,18 @@ def main(argv=None) -> int:
           f"{torch.__version__}; 1-min load {load0:.1f} at the start; world {data.name}")
     table = []
     if "extraction" in rows:
-        from storage.catalogue import load_catalogue
+        for label, workers in (("before: --workers 0", 0), ("now: default workers", None)):
+            seconds, chosen = extraction(data, workers)
+            from storage.catalogue import load_catalogue
 
-        n = len(load_catalogue(data))
-        with tempfile.TemporaryDirectory(prefix="vit-bench-") as out:
-            for label, workers, cache in (("before: --workers 0, cards drawn", 0, False),
-                                          ("now: default workers, cards drawn and cached", None, True),
-                                          ("now: default workers, cards from the cache", None, True)):
-                seconds, chosen = extraction(data, workers, Path(out), cache)
-                table.append(("tiny ViT extraction", f"{label} ({chosen} workers)", f"{seconds:.0f} s",
-                              f"{n / seconds:,.0f} news/s"))
+            n = len(load_catalogue(data))
+            table.append(("tiny ViT extraction", f"{label} ({chosen})", f"{seconds:.0f} s", f"{n / seconds:,.0f} news/s"))
     if "loading" in rows:
         for label, old in (("before: catalogue + each split whole", True), ("now: runs.workspace", False)):
             seconds, parsed = loading(data, old)
             news = sum(v for k, v in parsed.items() if k.endswith("news.tsv"))
             table.append(("loading before training", label, f"{seconds:.1f} s",
                           f"{news} news.tsv parses, {sum(parsed.values()) - news} behaviors.tsv"))
-    if "cards" in rows:
-        c = cards(data)
-        saved = (c["render_ms"] - c["decode_ms"]) * c["uncovered"] / 1e3
-        table.append(("title-only card, rendered", f"render + resize to 224 ({c['n']} cards)",
-                      f"{c['render_ms'] + c['resize_ms']:.2f} ms", f"{c['uncovered']:,} news without a cover"))
-        table.append(("title-only card, from a cache", "PNG decode + resize to 224",
-                      f"{c['decode_ms'] + c['resize_ms']:.2f} ms",
-                      f"{c['png_kb']:.1f} KB a card: {c['png_kb'] * c['uncovered'] / 1e3:,.0f} MB of cache "
-                      f"to save {saved:.0f} s of one core per extraction"))
     if "startup" in rows:
         s = startup()
         table.append(("a bad plan refused", "flows.compare --sources concat --rankers lightgbm", f"{s['refused_s']:.1f} s",

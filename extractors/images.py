@@ -143,9 +143,7 @@ class CardDataset(torch.utils.data.Dataset):
     pixels are the model input (float32), or with `uint8=True` the resized pixels for `normalize`
     to finish in batches; under `zeros` a missing image is then uint8 zeros, and the caller zeroes
     those rows after normalising (their `present` is False). The stand-ins that do not depend on
-    the news (`blank`, and `card` cropped to the cover) are made once per dataset copy; title-only
-    cards are read from `card_cache` when given (storage.cards.title_card: rendered once, then
-    decoded, which costs less than drawing the text).
+    the news (`blank`, and `card` cropped to the cover) are made once per dataset copy.
     """
 
     def __init__(
@@ -156,12 +154,11 @@ class CardDataset(torch.utils.data.Dataset):
         transform: ImageTransform,
         missing: str = "card",
         uint8: bool = False,
-        card_cache: Path | None = None,
     ):
         if missing not in ("card", "blank", "zeros"):
             raise ValueError(f"unknown missing-image strategy {missing!r}; known: card, blank, zeros")
         self.paths, self.titles, self.categories = list(paths), list(titles), list(categories)
-        self.transform, self.missing, self.uint8, self.card_cache = transform, missing, uint8, card_cache
+        self.transform, self.missing, self.uint8 = transform, missing, uint8
         self._constant: torch.Tensor | None = None  # (3, S, W) uint8: the stand-in shared by every news
 
     def __len__(self) -> int:
@@ -183,10 +180,10 @@ class CardDataset(torch.utils.data.Dataset):
 
     def _stand_in(self, i: int) -> torch.Tensor:
         """(3, S, W) uint8 pixels shown for news i, which has no usable image."""
-        from storage.cards import CARD_SIZE, title_card
+        from storage.cards import CARD_SIZE, render_card
 
         if self.missing == "card" and self.transform.crop == "card":
-            return self.transform.resize(title_card(self.titles[i], self.categories[i], self.card_cache))
+            return self.transform.resize(render_card(self.titles[i], self.categories[i]))
         if self._constant is None:
             # A title-only card leaves its cover box white (the title starts right of it), so
             # cropped to the cover it is the blank card's crop, whatever the title.

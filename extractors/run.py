@@ -12,9 +12,7 @@ The host keeps up with the device (issue 3's targets on one H100: 40,000 titles/
 - titles are tokenised chunk by chunk by the tokenizer's Rust backend, the next chunk in a thread
   while the model encodes this one (`_TitleEncoder`);
 - cards are decoded, cropped and resized in DataLoader workers (`default_workers`) and reach the
-  device as uint8, where they are normalised with the extractor's mean and std; the title-only
-  cards of news without a cover are rendered once into `features_dir/title-cards/` and decoded
-  from there by later extractions (storage.cards.title_card; `card_cache=False` renders them);
+  device as uint8, where they are normalised with the extractor's mean and std;
 - outputs are cast to the store dtype on the device, copied to the host once per chunk and
   written by a background thread (extractors/chunks.py).
 Letters: N news, B batch, L tokens, D width.
@@ -82,9 +80,6 @@ class ExtractionResult:
 WORKERS_FROM_ROWS = 1000
 """Catalogues smaller than this decode their cards in the main process on a CPU: starting a
 worker (it imports torch) costs about as much as decoding a thousand cards."""
-# Title-only cards of news without a cover, rendered once per features folder
-# (storage.cards.title_card), beside its stores.
-TITLE_CARDS = "title-cards"
 
 
 def default_workers(device: str | torch.device, rows: int | None = None) -> int:
@@ -96,9 +91,9 @@ def default_workers(device: str | torch.device, rows: int | None = None) -> int:
     5,000 cards/s needs about 14 cores. On a CPU one per core, at most 4, for catalogues of
     `WORKERS_FROM_ROWS` rows or more (`rows` None: assume large): decoding and resizing a card
     costs more than a tiny model's forward pass, so the main process would otherwise leave the
-    other cores idle (the tiny ViT over the synthetic mind-small world's 64,887 news, 2 quiet
-    cores: 545-584 news/s with 0 workers, 955-974 with 2; benchmarks/mind_small_rows.py); a
-    base model's forward pass dominates instead, and its workers sleep once their queue is full."""
+    other cores idle (the tiny ViT on the synthetic small world, 2 cores, load 4: 89 news/s
+    with 0 workers, 173 with 1, 301 with 2); a base model's forward pass dominates instead, and
+    its workers sleep once their queue is full."""
     dev = resolve_device(device) if isinstance(device, str) else device
     try:
         cores = len(os.sched_getaffinity(0))
@@ -181,7 +176,6 @@ def extract_catalogue(
     shard: Shard | None = None,
     mode: str = "frozen",
     extra_preprocess: dict | None = None,
-    card_cache: bool = True,
 ) -> ExtractionResult:
     """Encode every news of `catalogue` with `extractor` into its store; resume or reuse it.
 
@@ -221,9 +215,8 @@ def extract_catalogue(
             if extractor.modality == "text":
                 batches = _text_batches(extractor, catalogue, start, stop, batch_size, chunk_rows, dev)
             else:
-                cards = Path(features_dir) / TITLE_CARDS if card_cache else None
                 batches = _image_batches(extractor, catalogue, start, stop, batch_size, chunk_rows, num_workers,
-                                         dev, result, cards)
+                                         dev, result)
             with contextlib.closing(batches), ChunkWriter(writer, first, chunk_rows, dev) as chunks:
                 for rows, encoded, present in batches:
                     chunks.add(rows, encoded, present)
@@ -463,7 +456,7 @@ class _IndexedCards(torch.utils.data.Dataset):
 
 
 def _image_batches(extractor, catalogue: Catalogue, start: int, stop: int, batch_size: int, chunk_rows: int,
-                   num_workers: int, dev: torch.device, result: ExtractionResult, card_cache: Path | None = None):
+                   num_workers: int, dev: torch.device, result: ExtractionResult):
     """Yield (rows, Encoded, present) for catalogue rows start..stop-1 in order; cards decoded
     and resized in workers, normalised on the device."""
     cards = CardDataset(
@@ -473,7 +466,6 @@ def _image_batches(extractor, catalogue: Catalogue, start: int, stop: int, batch
         extractor.transform,
         extractor.config.missing,
         uint8=True,
-        card_cache=card_cache,
     )
     loader = torch.utils.data.DataLoader(
         _IndexedCards(cards, start, stop), batch_size=batch_size, shuffle=False, num_workers=num_workers,

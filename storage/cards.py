@@ -6,11 +6,7 @@ box (15,15)-(215,180) (200x165 px, the region later work crops), the title at th
 the category under it. News without a cover get the same card with the title only, which
 is how extractors render a stand-in for a missing image (`render_card(title, category)`).
 
-`title_card(title, category, cache)` is `render_card(title, category)` through a folder of
-PNG files named by a hash of what the card shows (the title, the category, this module's card
-style and Pillow's version): extractions of one dataset, and of every dataset with the same
-titles, render each title-only card once. `draw_cover` paints the synthetic world's covers (see
-storage/synthetic.py).
+`draw_cover` paints the synthetic world's covers (see storage/synthetic.py).
 
 Text uses Pillow's embedded default font (`ImageFont.load_default(size=...)`), so a card is
 the same bytes on every machine with the same Pillow, and nothing is looked up on disk.
@@ -19,20 +15,13 @@ the same bytes on every machine with the same Pillow, and nothing is looked up o
 from __future__ import annotations
 
 import colorsys
-import contextlib
-import hashlib
 import math
-import os
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
-import PIL
 from PIL import Image, ImageDraw, ImageFont
 
 CARD_SIZE = (610, 195)  # (width, height) in px
-# Raise when render_card draws differently: cached title cards of another style are not reused.
-CARD_STYLE = 1
 COVER_BOX = (15, 15, 215, 180)  # (x0, y0, x1, y1): the cover's 200x165 px region
 COVER_SIZE = (COVER_BOX[2] - COVER_BOX[0], COVER_BOX[3] - COVER_BOX[1])  # (200, 165)
 
@@ -122,43 +111,6 @@ def render_card(title: str, category: str, cover: Image.Image | None = None) -> 
     # The category sits under the title block, never lower than the cover's bottom edge.
     cat_y = min(y + 8, COVER_BOX[3] - CATEGORY_FONT_SIZE)
     draw.text((TITLE_X, cat_y), _fit(draw, category, _font(CATEGORY_FONT_SIZE), max_px), fill=_CATEGORY_COLOUR, font=_font(CATEGORY_FONT_SIZE))
-    return card
-
-
-def title_card_name(title: str, category: str) -> str:
-    """The cache file name of a title-only card: 32 hex of a hash of what it shows and how."""
-    key = "\0".join((str(CARD_STYLE), PIL.__version__, f"{CARD_SIZE[0]}x{CARD_SIZE[1]}", category, title))
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32] + ".png"
-
-
-def title_card(title: str, category: str, cache: Path | None) -> Image.Image:
-    """`render_card(title, category)`, read from `cache` when an earlier call left it there.
-
-    A cached card that does not decode, or has another size, is rendered again and replaced;
-    one that cannot be written (a read-only or full disk) is only rendered: the cache saves
-    time, never fails a run. Files are written under a temporary name and renamed, so
-    processes extracting at once never read half a card.
-    """
-    if cache is None:
-        return render_card(title, category)
-    path = Path(cache) / title_card_name(title, category)
-    try:
-        with Image.open(path) as img:
-            if img.format == "PNG" and img.size == CARD_SIZE:
-                return img.convert("RGB")
-    except FileNotFoundError:
-        pass
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        pass  # a damaged file: drawn again below, then replaced
-    card = render_card(title, category)
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}-{os.urandom(4).hex()}.png")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        card.save(temporary, "PNG", compress_level=1)
-        os.replace(temporary, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
     return card
 
 

@@ -398,27 +398,3 @@ def test_finetuned_mode_and_extra_preprocess_name_and_key_the_store(tiny_world, 
 def read_meta(path: Path) -> StoreMeta:
     with FeatureStore.open(path) as store:
         return store.meta
-
-
-def test_title_cards_are_rendered_once_per_features_folder_and_change_no_vector(tiny_world, tmp_path, monkeypatch):
-    import storage.cards as cards
-    from extractors.run import TITLE_CARDS
-
-    catalogue = head(load_catalogue(tiny_world), 40)
-    uncovered = {(str(catalogue.title[i]), str(catalogue.category[i])) for i in range(40)
-                 if catalogue.image_path(i) is None}
-    assert uncovered
-    vit = create("vit")
-    plain = read(extract_catalogue(vit, catalogue, tmp_path / "plain", batch_size=8, chunk_rows=16, device="cpu",
-                                   progress=False, card_cache=False).path)
-    assert not (tmp_path / "plain" / TITLE_CARDS).exists()
-    cached = read(extract_catalogue(vit, catalogue, tmp_path / "features", batch_size=8, chunk_rows=16,
-                                    device="cpu", progress=False).path)
-    folder = tmp_path / "features" / TITLE_CARDS
-    assert sorted(p.name for p in folder.iterdir()) == sorted(cards.title_card_name(*tc) for tc in uncovered)
-    assert np.array_equal(plain.vectors, cached.vectors) and np.array_equal(plain.tokens, cached.tokens)
-    # Another extractor over the same news (BLIP) draws no card: every one comes from the folder.
-    monkeypatch.setattr(cards, "render_card", lambda *a, **k: pytest.fail("a title card was drawn again"))
-    blip = create("blip", titles=[str(t) for t in catalogue.title], workdir=tmp_path / "work")
-    extract_catalogue(blip, catalogue, tmp_path / "features", batch_size=8, chunk_rows=16, device="cpu",
-                      progress=False)
