@@ -91,9 +91,9 @@ def default_workers(device: str | torch.device, rows: int | None = None) -> int:
     5,000 cards/s needs about 14 cores. On a CPU one per core, at most 4, for catalogues of
     `WORKERS_FROM_ROWS` rows or more (`rows` None: assume large): decoding and resizing a card
     costs more than a tiny model's forward pass, so the main process would otherwise leave the
-    other cores idle (the tiny ViT on the synthetic small world, 2 cores, load 4: 89 news/s
-    with 0 workers, 173 with 1, 301 with 2); a base model's forward pass dominates instead, and
-    its workers sleep once their queue is full."""
+    other cores idle (the tiny ViT over the synthetic mind-small world's 64,887 news, 2 quiet
+    cores: 545-584 news/s with 0 workers, 955-974 with 2; benchmarks/mind_small_rows.py); a
+    base model's forward pass dominates instead, and its workers sleep once their queue is full."""
     dev = resolve_device(device) if isinstance(device, str) else device
     try:
         cores = len(os.sched_getaffinity(0))
