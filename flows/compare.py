@@ -39,6 +39,7 @@ def build_flow():
     from flows.pretrain import pretrain_stage
     from flows.rank import rank_task
     from runs.compare import build_report, default_jobs, extractions, plan, thread_share
+    from runs.isolated import close_idle
     from runs.params import ExtractParams
     from runs.pretrain import kinds_needed
     from runs.presets import get_preset, thesis_markdown
@@ -89,7 +90,10 @@ def build_flow():
         jobs = min(default_jobs(params), sum(len(run.seeds) for run in planned))
         threads = thread_share(params) if jobs > 1 else None  # one run at a time: in this process
         calls = [(label, replica, workspace, threads) for run in planned for label, replica in run.replicas()]
-        states = run_bounded(rank_one, calls, jobs)
+        try:
+            states = run_bounded(rank_one, calls, jobs)
+        finally:
+            close_idle()  # the ranking children, kept between runs (runs.isolated)
         for (label, *_), state in zip(calls, states):
             if not state.is_completed():
                 return Failed(message=f"{label}: {state.message}")

@@ -10,14 +10,24 @@ cores nor stay reproducible. The child is limited to `threads` threads (OMP, MKL
 LightGBM's n_jobs via RankParams.threads), and on Linux the kernel stops it if the parent dies.
 A user-fixable failure in the child (PipelineError, an OSError) comes back as a PipelineError
 with its one line; anything else as a RuntimeError with the end of the child's output.
+
+The children are kept and reused, one job at a time each, until `close_idle()` (flows.compare
+calls it when its runs are done; the rest at exit): a child's start (Python, torch, LightGBM
+and scikit-learn imported) cost about 3.4 s, paid 30 times by the demo. Reuse changes no result:
+every job seeds what it draws from (a trainer's fit runs inside rankers.train.isolated_rng and
+seeds torch itself; LightGBM and the samplers take their seed), and a child that fails other
+than with a one-line error is dropped, never reused.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -57,56 +67,132 @@ def pretrain_isolated(kind: str, data: Path, images: Path | None, storage, threa
     return Path(_child(job, threads)["folder"])
 
 
+class _Worker:
+    """One child serving jobs: a JSON line in, its result (or error) line out."""
+
+    def __init__(self, threads: int, key: tuple):
+        self.key = key  # threads, environment and folder it was started with: reused only for the same
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+               "OPENBLAS_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        root = Path(__file__).resolve().parents[1]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+        parent = os.getpid()
+        self.threads = threads
+        self.stderr = tempfile.TemporaryFile(mode="w+", prefix="mmnews-child-")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "runs.isolated", str(threads), "--serve"], env=env, text=True, bufsize=1,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+            preexec_fn=(lambda: die_with_parent(parent)) if sys.platform.startswith("linux") else None,
+        )
+
+    def call(self, job: dict) -> dict:
+        """The job's result; PipelineError for a one-line failure (the child stays usable);
+        RuntimeError when the child died or answered nothing (it is then unusable)."""
+        try:
+            self.process.stdin.write(json.dumps(job) + "\n")
+            self.process.stdin.flush()
+        except OSError:
+            pass  # the child is gone: reported below
+        else:
+            for line in self.process.stdout:
+                if line.startswith(RESULT):
+                    return json.loads(line[len(RESULT):])
+                if line.startswith(FAILURE):
+                    raise PipelineError(line[len(FAILURE):].rstrip("\n"))
+        code = self.process.wait()
+        self.stderr.seek(0)
+        tail = self.stderr.read()[-3000:]
+        raise RuntimeError(f"the {job['job']} process ended with code {code}:\n{tail}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.close()  # the child's loop ends at end of input
+                self.process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self.stderr.close()
+
+
+_IDLE: list[_Worker] = []
+_SET_BY_LIBRARIES = ("TORCHINDUCTOR_", "KMP_")
+_LOCK = threading.Lock()
+
+
 def _child(job: dict, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "OPENBLAS_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    parent = os.getpid()
-    done = subprocess.run(
-        [sys.executable, "-m", "runs.isolated", str(threads)], input=json.dumps(job), env=env,
-        capture_output=True, text=True,
-        preexec_fn=(lambda: die_with_parent(parent)) if sys.platform.startswith("linux") else None,
-    )
-    lines = done.stdout.splitlines()
-    result = next((ln[len(RESULT):] for ln in reversed(lines) if ln.startswith(RESULT)), None)
-    if done.returncode == 0 and result is not None:
-        return json.loads(result)
-    failure = next((ln[len(FAILURE):] for ln in reversed(lines) if ln.startswith(FAILURE)), None)
-    if failure is not None:
-        raise PipelineError(failure)
-    tail = (done.stderr or done.stdout)[-3000:]
-    raise RuntimeError(f"the {job['job']} process ended with code {done.returncode}:\n{tail}")
+    # A child sees the environment (MMNEWS_STORAGE, PREFECT_*, ...) and folder it started in.
+    # Some libraries set variables of their own on first use (torch: TORCHINDUCTOR_CACHE_DIR);
+    # those are left out of the key, so they do not end every reuse.
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if not k.startswith(_SET_BY_LIBRARIES)))
+    key = (threads, os.getcwd(), env)
+    with _LOCK:
+        worker = next((w for w in _IDLE if w.key == key and w.process.poll() is None), None)
+        if worker is not None:
+            _IDLE.remove(worker)
+    worker = worker or _Worker(threads, key)
+    try:
+        result = worker.call(job)
+    except PipelineError:
+        with _LOCK:
+            _IDLE.append(worker)
+        raise
+    except BaseException:
+        worker.close()
+        raise
+    with _LOCK:
+        _IDLE.append(worker)
+    return result
+
+
+def close_idle() -> None:
+    """Stop every idle child (each exits at the end of its input)."""
+    with _LOCK:
+        workers = list(_IDLE)
+        _IDLE.clear()
+    for worker in workers:
+        worker.close()
+
+
+atexit.register(close_idle)
+
+
+def _run(job: dict) -> dict:
+    if job["job"] == "rank":
+        from runs.rank import run_rank
+
+        return asdict(run_rank(RankParams.model_validate(job["params"])))
+    from runs.pretrain import ensure_pretrained
+
+    images = Path(job["images"]) if job["images"] else None
+    return {"folder": str(ensure_pretrained(job["kind"], Path(job["data"]), images, job["storage"], progress=False))}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The child: a job as JSON on stdin; its result (or the error) on stdout's last line."""
+    """The child: jobs as JSON lines on stdin (one job, or with `--serve` one per line until the
+    input ends); each job's result (or its one-line error) on a stdout line of its own."""
     from storage.errors import as_pipeline_error
 
     args = list(sys.argv[1:] if argv is None else argv)
-    threads = int(args[0]) if args else 1
-    try:
-        import torch
+    threads = int(args[0]) if args and args[0].isdigit() else 1
+    import torch
 
-        torch.set_num_threads(threads)
-        job = json.loads(sys.stdin.read())
-        if job["job"] == "rank":
-            from runs.rank import run_rank
-
-            result = asdict(run_rank(RankParams.model_validate(job["params"])))
-        else:
-            from runs.pretrain import ensure_pretrained
-
-            images = Path(job["images"]) if job["images"] else None
-            result = {"folder": str(ensure_pretrained(job["kind"], Path(job["data"]), images, job["storage"],
-                                                      progress=False))}
-    except Exception as err:  # noqa: BLE001 - reported to the parent, one line where it can be
-        friendly = as_pipeline_error(err)
-        if friendly is None:
-            raise
-        print(FAILURE + str(friendly).replace("\n", " "), flush=True)
-        return 1
-    print(RESULT + json.dumps(result, default=str), flush=True)
+    torch.set_num_threads(threads)
+    lines = sys.stdin if "--serve" in args else [sys.stdin.read()]
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            result = _run(json.loads(line))
+        except Exception as err:  # noqa: BLE001 - reported to the parent, one line where it can be
+            friendly = as_pipeline_error(err)
+            if friendly is None:
+                raise
+            print(FAILURE + str(friendly).replace("\n", " "), flush=True)
+            if "--serve" not in args:
+                return 1
+            continue
+        print(RESULT + json.dumps(result, default=str), flush=True)
     return 0
 
 

@@ -272,16 +272,30 @@ def test_image_runs_refuse_an_empty_images_folder(tiny_world, tmp_path):
 # ------------------------------------------------------------------------------ runs side by side
 
 
-def test_a_run_in_a_process_of_its_own_equals_the_run_in_this_one(tiny_world, tmp_path):
+def test_a_run_in_a_process_of_its_own_equals_the_run_in_this_one(tiny_world, tmp_path, monkeypatch):
+    from runs import isolated
     from runs.isolated import run_isolated
     from runs.rank import run_rank
 
+    isolated.close_idle()
+    here = {}
     for ranker, fusion, features in (("nrms", "hadamard", ["bert", "vit"]), ("lightgbm", "text", ["bert"])):
         params = RankParams(data=tiny_world, ranker=ranker, fusion=fusion, features=features, epochs=2,
                             storage=tmp_path, progress=False)
-        here = run_rank(params)
+        here[ranker] = (params, run_rank(params))
         there = run_isolated(params.model_copy(update={"run_name": f"{ranker}-isolated"}), threads=1)
-        assert there.dev_metrics == here.dev_metrics and there.folder.endswith(f"{ranker}-isolated")
+        assert there.dev_metrics == here[ranker][1].dev_metrics and there.folder.endswith(f"{ranker}-isolated")
+    # One child served both runs, and serves a third with the same result as a fresh one.
+    [child] = isolated._IDLE
+    params, expected = here["nrms"]
+    again = run_isolated(params.model_copy(update={"run_name": "nrms-again"}), threads=1)
+    assert again.dev_metrics == expected.dev_metrics and isolated._IDLE == [child]
+    # A child is reused only in the environment it started in (MMNEWS_STORAGE, PREFECT_*, ...).
+    monkeypatch.setenv("MMNEWS_SOMETHING", "else")
+    run_isolated(params.model_copy(update={"run_name": "nrms-other-env"}), threads=1)
+    assert len(isolated._IDLE) == 2 and child in isolated._IDLE
+    isolated.close_idle()
+    assert isolated._IDLE == [] and child.process.poll() == 0
 
 
 def test_a_failing_run_in_its_own_process_is_one_line(tiny_world, tmp_path):
