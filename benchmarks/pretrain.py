@@ -43,26 +43,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from extract import synthetic_world  # benchmarks/extract.py: the world with its cards, made once
 from storage.errors import run_cli
 
 KINDS = ("bert", "vit", "blip")
 BUDGET_SECONDS = 120.0
 TEXT_TARGET = 0.80
 LIFT_TARGET = 0.55
-
-
-def synthetic_world(cache: Path, scale: str, seed: int) -> Path:
-    """The synthetic world `scale`/`seed` with its cards, generated once under `cache`."""
-    from storage.synthetic import generate_world
-
-    world = cache / f"synthetic-{scale}-seed{seed}"
-    if not (world / "world.json").is_file():
-        partial = cache / f"{world.name}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        generate_world(partial, scale=scale, seed=seed)
-        shutil.rmtree(world, ignore_errors=True)
-        partial.rename(world)
-    return world
 
 
 def hidden_news(world: Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

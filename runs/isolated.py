@@ -11,9 +11,10 @@ LightGBM's n_jobs via RankParams.threads), and on Linux the kernel stops it if t
 A user-fixable failure in the child (PipelineError, an OSError) comes back as a PipelineError
 with its one line; anything else as a RuntimeError with the end of the child's output.
 
-The children are kept and reused, one job at a time each, until `close_idle()` (flows.compare
-calls it when its runs are done; the rest at exit): a child's start (Python, torch, LightGBM
-and scikit-learn imported) cost about 3.4 s, paid 30 times by the demo. Reuse changes no result:
+The children are kept and reused, one job at a time each, by the thread that started them,
+until `close_idle()` (flows.compare calls it when its runs are done; the rest at exit): a
+child's start (Python, torch, LightGBM and scikit-learn imported) cost about 3.4 s, paid 30
+times by the demo. Reuse changes no result:
 every job seeds what it draws from (a trainer's fit runs inside rankers.train.isolated_rng and
 seeds torch itself; LightGBM and the samplers take their seed), and a child that fails other
 than with a one-line error is dropped, never reused.
@@ -72,12 +73,14 @@ class _Worker:
 
     def __init__(self, threads: int, key: tuple):
         self.key = key  # threads, environment and folder it was started with: reused only for the same
+        # The kernel stops the child when the thread that started it ends (PR_SET_PDEATHSIG
+        # follows the thread), so only that thread, alive while it waits, reuses it.
+        self.owner = threading.current_thread()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "OPENBLAS_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         root = Path(__file__).resolve().parents[1]
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
         parent = os.getpid()
-        self.threads = threads
         self.stderr = tempfile.TemporaryFile(mode="w+", prefix="mmnews-child-")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "runs.isolated", str(threads), "--serve"], env=env, text=True, bufsize=1,
@@ -127,22 +130,23 @@ def _child(job: dict, threads: int) -> dict:
     env = tuple(sorted((k, v) for k, v in os.environ.items() if not k.startswith(_SET_BY_LIBRARIES)))
     key = (threads, os.getcwd(), env)
     with _LOCK:
-        worker = next((w for w in _IDLE if w.key == key and w.process.poll() is None), None)
+        worker = next((w for w in _IDLE if w.key == key and w.owner is threading.current_thread()
+                       and w.process.poll() is None), None)
         if worker is not None:
             _IDLE.remove(worker)
     worker = worker or _Worker(threads, key)
     try:
-        result = worker.call(job)
+        return worker.call(job)
     except PipelineError:
-        with _LOCK:
-            _IDLE.append(worker)
-        raise
+        raise  # a one-line failure: the child answered and serves the next job
     except BaseException:
         worker.close()
+        worker = None
         raise
-    with _LOCK:
-        _IDLE.append(worker)
-    return result
+    finally:
+        if worker is not None:
+            with _LOCK:
+                _IDLE.append(worker)
 
 
 def close_idle() -> None:
