@@ -161,10 +161,13 @@ def test_chunks_are_written_in_order_one_at_a_time_on_the_writer_thread(tmp_path
 
     monkeypatch.setattr(FeatureWriter, "write", write)
     writer = FeatureWriter(tmp_path / "s.h5", make_meta(), ids(n), fsync=False)
-    with ChunkWriter(writer, 0, chunk, CPU) as chunks:
-        for rows, out, present in _in_order(n, 4):
-            chunks.add(rows, out, present)
-        chunks.close()
+    try:
+        with ChunkWriter(writer, 0, chunk, CPU) as chunks:
+            for rows, out, present in _in_order(n, 4):
+                chunks.add(rows, out, present)
+            chunks.close()
+    finally:
+        writer.close()  # an open partial would be inherited by every child this process forks later
     assert [(start, rows) for start, rows, _ in calls] == [(s, min(chunk, n - s)) for s in range(0, n, chunk)]
     assert all(name.startswith("store-writer") for _, _, name in calls)
     assert not any(t.name.startswith("store-writer") for t in threading.enumerate())  # thread stopped

@@ -324,7 +324,10 @@ def test_flow_survives_a_dask_worker_killed_mid_shard(tiny_world, reference, tmp
         while not done.is_set():
             for child in psutil.Process().children(recursive=True):
                 try:
-                    partials = [f.path for f in child.open_files() if f.path.endswith(".h5.partial")]
+                    # This test's partials only: a process caught between fork and exec holds
+                    # whatever its parent has open.
+                    partials = [f.path for f in child.open_files()
+                                if f.path.endswith(".h5.partial") and f.path.startswith(str(tmp_path))]
                 except psutil.Error:
                     continue
                 for partial in partials:
