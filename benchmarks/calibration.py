@@ -40,6 +40,14 @@ WORLDS = {
 SOURCES = ["text", "text+cover", "hadamard"]
 
 
+def world_dir(kind: str, world_seed: int, scale: str, root: Path, world: dict | None = None) -> Path:
+    """Where the `kind` world of this seed and scale lives under the cache `root` (named by its
+    generator options, so a world is made once for every benchmark that asks for it)."""
+    options = {**WORLDS[kind], **(world or {})}
+    tag = "-".join(f"{k}{v:g}" for k, v in sorted(options.items())) or "default"
+    return root / "worlds" / f"{scale}-{tag}-seed{world_seed}"
+
+
 def calibrate(kind: str, world_seed: int, scale: str, root: Path, *, rankers=("nrms", "lightgbm"),
               extractors: str = "pretrained", seeds: int = 1, n_boot: int = 500, jobs: int | None = None,
               world: dict | None = None) -> dict:
@@ -51,8 +59,7 @@ def calibrate(kind: str, world_seed: int, scale: str, root: Path, *, rankers=("n
     from storage.synthetic import generate_world
 
     options = {**WORLDS[kind], **(world or {})}
-    tag = "-".join(f"{k}{v:g}" for k, v in sorted(options.items())) or "default"
-    data = root / "worlds" / f"{scale}-{tag}-seed{world_seed}"
+    data = world_dir(kind, world_seed, scale, root, world)
     started = time.perf_counter()
     generate_world(data, scale=scale, seed=world_seed, **options)
     params = CompareParams(
