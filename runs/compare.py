@@ -315,6 +315,12 @@ def build_report(params: CompareParams, workspace: Workspace, runs: list[tuple[P
             "drawn impressions; a paired difference takes each seed of a run against the same seed of its "
             "reference. So the intervals cover both which impressions were drawn and which seeds were trained "
             f"(with {params.seeds} seeds the seed part is a rough estimate, narrow rather than wide).")
+        same = [p.label for p, _ in runs if len(scores[p.label]) > 1 and (scores[p.label] == scores[p.label][0]).all()]
+        if same:
+            notes.append(
+                f"Seeds that changed nothing: {', '.join(same)} gave the same scores with every seed (training "
+                "that draws nothing at random, as LightGBM with its defaults: no bagging, no feature sampling, "
+                "every row kept), so their intervals and differences cover the dev impressions only.")
     notes += ["Share of oracle lift: (AUC - random's AUC) / (oracle's AUC - random's AUC); the oracle ranks by "
               "the synthetic world's true click probabilities."] if any("oracle_share" in r for r in report_runs) else []
     report = {

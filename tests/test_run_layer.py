@@ -313,7 +313,7 @@ def test_a_comparison_over_seeds_reports_every_seed(tiny_world, tmp_path, prefec
 
     from flows.compare import build_flow
 
-    params = CompareParams(data=tiny_world, rankers=["nrms"], sources=["text", "hadamard"], baselines=["popularity"], text="bert", image="vit", blip="blip", 
+    params = CompareParams(data=tiny_world, rankers=["nrms", "lightgbm"], sources=["text", "hadamard"], baselines=["popularity"], text="bert", image="vit", blip="blip", 
                            seeds=2, seed=3, jobs=2, epochs=2, n_boot=100, storage=tmp_path, name="seeds",
                            progress=False)
     result = build_flow()(params)
@@ -327,6 +327,12 @@ def test_a_comparison_over_seeds_reports_every_seed(tiny_world, tmp_path, prefec
             assert (tmp_path / "models" / f"tiny__nrms__{name.split(' · ')[1].split(' ')[0].replace('text+image', 'hadamard')}__bert{'+vit' if 'image' in name else ''}__seed{s}").is_dir()
     assert runs["popularity"].get("seeds") is None  # a deterministic baseline runs once
     assert "two-level bootstrap" in " ".join(report["notes"])
+    # LightGBM draws nothing at random with its defaults: the report says its seeds changed nothing,
+    # and says so of no NRMS run (their seeds differ).
+    assert runs["lightgbm · text"]["seeds"][0]["metrics"] == runs["lightgbm · text"]["seeds"][1]["metrics"]
+    (same,) = [n for n in report["notes"] if n.startswith("Seeds that changed nothing")]
+    assert "lightgbm · text" in same and "nrms" not in same
+    assert runs["nrms · text"]["seeds"][0]["metrics"] != runs["nrms · text"]["seeds"][1]["metrics"]
 
 
 def test_pretrained_checkpoints_resolve_to_their_folder_and_are_reused(tiny_world, tmp_path):
