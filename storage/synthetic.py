@@ -87,10 +87,13 @@ so one seed gives the same bytes (given the same numpy, Pillow and libjpeg versi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
+import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -103,6 +106,8 @@ import numpy as np
 from storage.cards import STYLE_NAMES, draw_cover, render_card
 from storage.errors import PipelineError, run_cli
 from storage.submission import write_truth, write_values
+
+log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
 SPLITS = ("train", "dev", "test")
@@ -990,6 +995,10 @@ def _click_model_json(clicks: ClickModel, bias: float) -> dict:
     }
 
 
+GENERATING = ".generating"
+"""Marker of a generation in progress in a world folder: written first, removed last."""
+
+
 def _check_out(out: Path, params: dict) -> dict | None:
     """The stored world.json when `out` already holds this world; raise when out is taken."""
     marker = out / "world.json"
@@ -999,6 +1008,8 @@ def _check_out(out: Path, params: dict) -> dict | None:
         except (OSError, ValueError) as err:
             raise PipelineError(f"{marker}: unreadable ({err}); delete {out} or choose another --out") from err
         if stored.get("params") == json.loads(json.dumps(params)):
+            with contextlib.suppress(OSError):  # killed between world.json and the marker's removal
+                (out / GENERATING).unlink(missing_ok=True)
             return stored
         theirs = stored.get("params", {})
         diff = ", ".join(f"{k}={theirs.get(k)!r} (asked {v!r})" for k, v in params.items() if theirs.get(k) != v)
@@ -1008,9 +1019,18 @@ def _check_out(out: Path, params: dict) -> dict | None:
         )
     if out.exists() and not out.is_dir():
         raise PipelineError(f"{out} is a file, not a folder; choose another --out")
+    if (out / GENERATING).is_file():
+        # An interrupted generation of ours (the marker is written into an empty folder before
+        # anything else and removed last): the generator is deterministic, so starting again
+        # gives exactly the world the interrupted run would have written.
+        log.warning("%s holds an interrupted generation; starting it again", out)
+        for child in out.iterdir():
+            if child.name != GENERATING:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        return None
     if out.is_dir() and any(out.iterdir()):
         raise PipelineError(
-            f"{out} is not empty and holds no world.json (an interrupted generation, or other files); "
+            f"{out} is not empty and holds no world.json (files that are not a synthetic world); "
             f"choose another --out or delete {out}"
         )
     return None
@@ -1036,7 +1056,9 @@ def generate_world(
     render the cards (default: the CPU count, capped at 8; small jobs stay in-process).
     The summary holds per-split counts, cover share, CTR and means, the dev metrics of the
     oracle, text-only oracle and a random ranker, `out`, and `skipped` (True when `out`
-    already held this world and nothing was written).
+    already held this world and nothing was written). A generation killed or crashed part way
+    is started again by the next call (its folder is marked `.generating` until world.json is
+    written): the generator is deterministic, so the world is the same.
     """
     if scale not in SCALES:
         raise PipelineError(f"unknown scale {scale!r}; known: {', '.join(SCALES)}")
@@ -1064,6 +1086,7 @@ def generate_world(
 
     world = _build(cfg, int(seed), rate, clicks)
     out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / GENERATING, json.dumps(params) + "\n")  # first: this folder's files are ours to replace
     n_workers = max(1, workers if workers is not None else min(os.cpu_count() or 1, 8))
     summary = {"scale": scale, "seed": int(seed), **_write_world(world, out, int(seed), bool(images), n_workers)}
     summary["dev_metrics"] = _dev_metrics(world, int(seed))
@@ -1082,6 +1105,7 @@ def generate_world(
     tmp = out / "world.json.tmp"
     _write_text(tmp, json.dumps(doc, indent=2) + "\n")
     os.replace(tmp, out / "world.json")
+    (out / GENERATING).unlink()
     return {**summary, "out": str(out), "skipped": False}
 
 

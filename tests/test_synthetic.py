@@ -373,6 +373,27 @@ def test_rerun_skips_and_foreign_folders_are_refused(world, tmp_path, capsys):
         generate_world(tmp_path / "x", "tiny", 0, cover_rate=1.5)
 
 
+def test_an_interrupted_generation_starts_again_and_ends_identical(worlds, tmp_path, monkeypatch):
+    import storage.synthetic as synthetic
+
+    out = tmp_path / "w"
+
+    def killed(*args, **kwargs):  # every file is written, world.json not yet
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "_dev_metrics", killed)
+    with pytest.raises(KeyboardInterrupt):
+        generate_world(out, "tiny", 0)
+    assert (out / "train" / "behaviors.tsv").is_file() and not (out / "world.json").exists()
+    (out / "train" / "behaviors.tsv").write_text("half a line")  # as a kill mid-write leaves it
+    monkeypatch.undo()
+    summary = generate_world(out, "tiny", 0)
+    assert summary["skipped"] is False
+    assert _hashes(out) == _hashes(worlds["a"])  # the same world, nothing of the first try left
+    assert not (out / synthetic.GENERATING).exists()
+    assert generate_world(out, "tiny", 0)["skipped"] is True
+
+
 def test_cli_prints_summary_and_metrics(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "w"), "--scale", "tiny", "--seed", "2", "--no-images"]) == 0
     out = capsys.readouterr().out
