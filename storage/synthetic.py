@@ -89,9 +89,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import json
-import math
 import logging
+import math
 import os
 import shutil
 import time
@@ -996,7 +997,56 @@ def _click_model_json(clicks: ClickModel, bias: float) -> dict:
 
 
 GENERATING = ".generating"
-"""Marker of a generation in progress in a world folder: written first, removed last."""
+"""Marker of a generation in a world folder: created first, locked while it runs, removed last."""
+
+
+class _Generation:
+    """The exclusive right to write a world into `out`: an flock on its `.generating` marker.
+
+    A second process asking while one generates gets a one-line error. A marker found
+    unlocked is what a killed or crashed generation left: `clear()` removes that run's files
+    (the marker says they are the generator's), and the generator, being deterministic, then
+    writes exactly the world the interrupted run would have.
+    """
+
+    def __init__(self, out: Path):
+        self.out, self.marker, self.fd = out, out / GENERATING, None
+
+    def __enter__(self) -> _Generation:
+        self.out.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.marker, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise PipelineError(f"{self.out}: another process is generating a world there (it holds "
+                                    f"{self.marker}); wait for it to finish") from None
+            try:  # the holder before us may have removed the marker on its way out
+                same = os.stat(self.marker).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return self
+            os.close(fd)
+
+    def clear(self) -> None:
+        """Remove what an interrupted generation left (everything but the marker)."""
+        leftovers = [c for c in self.out.iterdir() if c.name != GENERATING]
+        if leftovers:
+            log.warning("%s holds an interrupted generation; starting it again", self.out)
+        for child in leftovers:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+    def done(self) -> None:
+        """The world is complete (world.json written): remove the marker."""
+        self.marker.unlink(missing_ok=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _check_out(out: Path, params: dict) -> dict | None:
@@ -1020,14 +1070,7 @@ def _check_out(out: Path, params: dict) -> dict | None:
     if out.exists() and not out.is_dir():
         raise PipelineError(f"{out} is a file, not a folder; choose another --out")
     if (out / GENERATING).is_file():
-        # An interrupted generation of ours (the marker is written into an empty folder before
-        # anything else and removed last): the generator is deterministic, so starting again
-        # gives exactly the world the interrupted run would have written.
-        log.warning("%s holds an interrupted generation; starting it again", out)
-        for child in out.iterdir():
-            if child.name != GENERATING:
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        return None
+        return None  # a generation of ours, interrupted or running: _Generation sorts out which
     if out.is_dir() and any(out.iterdir()):
         raise PipelineError(
             f"{out} is not empty and holds no world.json (files that are not a synthetic world); "
@@ -1085,27 +1128,31 @@ def generate_world(
         return {**stored["summary"], "out": str(out), "skipped": True}
 
     world = _build(cfg, int(seed), rate, clicks)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / GENERATING, json.dumps(params) + "\n")  # first: this folder's files are ours to replace
     n_workers = max(1, workers if workers is not None else min(os.cpu_count() or 1, 8))
-    summary = {"scale": scale, "seed": int(seed), **_write_world(world, out, int(seed), bool(images), n_workers)}
-    summary["dev_metrics"] = _dev_metrics(world, int(seed))
-    dev0 = int(DEV_DAY.timestamp())
-    doc = {
-        "format": "mmnews synthetic MIND + IM-MIND world",
-        "params": params,
-        "description": DESCRIPTION,
-        "click_model": _click_model_json(clicks, world.bias),
-        "topics": [{"id": k, "name": t[0], "category": t[1], "subcategories": list(t[2])} for k, t in enumerate(TOPICS)],
-        "visual_styles": list(STYLE_NAMES[: WORLD.n_styles]),
-        "start": {name: _format_time(dev0 + d * DAY) for name, d in zip(SPLITS, (-cfg.train_days, 0, 1))},
-        "summary": summary,
-    }
-    # Written last, through a temporary name: its presence means the world is complete.
-    tmp = out / "world.json.tmp"
-    _write_text(tmp, json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, out / "world.json")
-    (out / GENERATING).unlink()
+    with _Generation(out) as generation:
+        stored = _check_out(out, params)  # again, under the lock: another process may have just finished it
+        if stored is not None:
+            generation.done()
+            return {**stored["summary"], "out": str(out), "skipped": True}
+        generation.clear()
+        summary = {"scale": scale, "seed": int(seed), **_write_world(world, out, int(seed), bool(images), n_workers)}
+        summary["dev_metrics"] = _dev_metrics(world, int(seed))
+        dev0 = int(DEV_DAY.timestamp())
+        doc = {
+            "format": "mmnews synthetic MIND + IM-MIND world",
+            "params": params,
+            "description": DESCRIPTION,
+            "click_model": _click_model_json(clicks, world.bias),
+            "topics": [{"id": k, "name": t[0], "category": t[1], "subcategories": list(t[2])} for k, t in enumerate(TOPICS)],
+            "visual_styles": list(STYLE_NAMES[: WORLD.n_styles]),
+            "start": {name: _format_time(dev0 + d * DAY) for name, d in zip(SPLITS, (-cfg.train_days, 0, 1))},
+            "summary": summary,
+        }
+        # Written last, through a temporary name: its presence means the world is complete.
+        tmp = out / "world.json.tmp"
+        _write_text(tmp, json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, out / "world.json")
+        generation.done()
     return {**summary, "out": str(out), "skipped": False}
 
 

@@ -394,6 +394,26 @@ def test_an_interrupted_generation_starts_again_and_ends_identical(worlds, tmp_p
     assert generate_world(out, "tiny", 0)["skipped"] is True
 
 
+def test_a_second_generation_into_a_folder_being_generated_is_refused(tmp_path):
+    import fcntl
+    import os
+
+    import storage.synthetic as synthetic
+
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "train").mkdir()  # a generation in progress: its marker locked, its files arriving
+    fd = os.open(out / synthetic.GENERATING, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(PipelineError, match="another process is generating a world there"):
+            generate_world(out, "tiny", 0)
+        assert (out / "train").is_dir()  # nothing of the running generation touched
+    finally:
+        os.close(fd)
+    assert generate_world(out, "tiny", 0)["skipped"] is False  # unlocked: an interrupted one, started again
+
+
 def test_cli_prints_summary_and_metrics(tmp_path, capsys):
     assert main(["--out", str(tmp_path / "w"), "--scale", "tiny", "--seed", "2", "--no-images"]) == 0
     out = capsys.readouterr().out
