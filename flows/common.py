@@ -80,13 +80,17 @@ def add_allow_no_images(p) -> None:
 
 def add_lightgbm_options(p) -> None:
     lg = p.add_argument_group("LightGBM", "Defaults: rankers/lgbm.py LGBMConfig (500 trees with early stopping on "
-                              "valid NDCG@10, learning rate 0.1, every non-click, at most 1,000,000 training rows)")
+                              "valid NDCG@10, learning rate 0.1, every non-click, at most 1,000,000 training rows, "
+                              "each tree on a seeded 80%% of the training impressions)")
     lg.add_argument("--lgbm-trees", type=int, metavar="N", help="boosting rounds at most (early stopping may end sooner)")
     lg.add_argument("--lgbm-learning-rate", type=float, metavar="LR", help="shrinkage per tree")
     lg.add_argument("--lgbm-neg-fraction", type=float, metavar="F",
                     help="keep this fraction of each impression's non-clicks (every click, at least one non-click)")
     lg.add_argument("--lgbm-max-rows", type=int, metavar="N",
                     help="training rows at most: fewer non-clicks per impression, then fewer impressions")
+    lg.add_argument("--lgbm-bagging", type=float, metavar="F",
+                    help="share of the training impressions each tree sees, drawn from --seed (default 0.8; 1: "
+                    "no bagging, and every seed gives the same model)")
 
 
 def add_world_options(p) -> None:

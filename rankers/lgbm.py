@@ -154,6 +154,11 @@ class LGBMConfig:
     neg_fraction: float = 1.0  # in (0, 1]
     max_rows: int | None = 1_000_000  # None: no cap; else >= 2
     row_sampling: Literal["negatives", "impressions"] = "negatives"
+    # Each tree sees a seeded share of the training impressions (LightGBM's bagging by query).
+    # Without it LightGBM draws nothing at random: every training seed gave the same model, so
+    # a comparison's seed replicates measured nothing and its intervals ignored how much one
+    # fit owes to the impressions it happened to see. 1.0: no bagging, the deterministic fit.
+    bagging_fraction: float = 0.8  # in (0, 1]
     seed: int = 0
     # Threads for boosting and prediction; -1 all the machine's cores, -2 all but one (as
     # joblib). On the shared 2-core machines, with OMP_WAIT_POLICY=PASSIVE (the Makefile's),
@@ -178,13 +183,14 @@ class LGBMConfig:
             "min_child_samples": self.min_child_samples > 0, "neg_fraction": 0.0 < self.neg_fraction <= 1.0,
             "max_rows": self.max_rows is None or self.max_rows >= 2,
             "row_sampling": self.row_sampling in ("negatives", "impressions"),
+            "bagging_fraction": 0.0 < self.bagging_fraction <= 1.0,
             "n_jobs": self.n_jobs != 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid LGBMConfig {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)} "
                              "(fuse is 'none' or 'hadamard'; pooling 'auto', 'vector' or 'mean'; "
-                             "neg_fraction in (0, 1]; max_rows None or at least 2; row_sampling "
+                             "neg_fraction and bagging_fraction in (0, 1]; max_rows None or at least 2; row_sampling "
                              "'negatives' or 'impressions'; n_jobs a thread count or negative for all cores)")
 
     @property
@@ -201,12 +207,16 @@ class LGBMConfig:
 
     def booster_params(self) -> dict[str, Any]:
         """LightGBM's parameters for training (rankers.lgbm_dask passes the same ones)."""
-        return {
+        params = {
             "objective": "lambdarank", "lambdarank_norm": False,  # see the module docstring
             "metric": "ndcg", "eval_at": [EVAL_AT], "learning_rate": self.learning_rate,
             "num_leaves": self.num_leaves, "min_child_samples": self.min_child_samples, "seed": self.seed,
             "num_threads": self.threads, "deterministic": True, "verbose": -1,
         }
+        if self.bagging_fraction < 1.0:  # whole impressions, a new draw for every tree, from the seed
+            params.update(bagging_fraction=self.bagging_fraction, bagging_freq=1, bagging_by_query=True,
+                          bagging_seed=self.seed)
+        return params
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -35,7 +35,7 @@ from runs.workspace import Workspace
 from storage.errors import PipelineError
 
 DEFAULT_BASELINES = ("random", "popularity", "oracle")
-LIGHTGBM_OPTIONS = ("lgbm_trees", "lgbm_learning_rate", "lgbm_neg_fraction", "lgbm_max_rows")
+LIGHTGBM_OPTIONS = ("lgbm_trees", "lgbm_learning_rate", "lgbm_neg_fraction", "lgbm_max_rows", "lgbm_bagging")
 CONTROL = "text+cover"
 """The presence control: text plus only whether the news has a cover (rankers.fusion)."""
 ENHANCED = " · enhanced titles"
@@ -319,8 +319,8 @@ def build_report(params: CompareParams, workspace: Workspace, runs: list[tuple[P
         if same:
             notes.append(
                 f"Seeds that changed nothing: {', '.join(same)} gave the same scores with every seed (training "
-                "that draws nothing at random, as LightGBM with its defaults: no bagging, no feature sampling, "
-                "every row kept), so their intervals and differences cover the dev impressions only.")
+                "that draws nothing at random, as LightGBM with --lgbm-bagging 1: no bagging, every row kept), so "
+                "their intervals and differences cover the dev impressions only.")
     notes += ["Share of oracle lift: (AUC - random's AUC) / (oracle's AUC - random's AUC); the oracle ranks by "
               "the synthetic world's true click probabilities."] if any("oracle_share" in r for r in report_runs) else []
     report = {

@@ -296,6 +296,7 @@ class RankParams(BaseModel):
     lgbm_learning_rate: float | None = Field(None, gt=0, le=1)
     lgbm_neg_fraction: float | None = Field(None, gt=0, le=1)
     lgbm_max_rows: int | None = Field(None, ge=2)
+    lgbm_bagging: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -362,7 +363,7 @@ class RankParams(BaseModel):
             _needs(f"--{info.field_name.replace('_', '-')}", info, "finetune", "it is a fine-tuning option")
         return value
 
-    @field_validator("lgbm_trees", "lgbm_learning_rate", "lgbm_neg_fraction", "lgbm_max_rows")
+    @field_validator("lgbm_trees", "lgbm_learning_rate", "lgbm_neg_fraction", "lgbm_max_rows", "lgbm_bagging")
     @classmethod
     def _lightgbm_only(cls, value, info: ValidationInfo):
         if value is not None and info.data.get("ranker") != "lightgbm":
@@ -373,7 +374,7 @@ class RankParams(BaseModel):
     def lightgbm_options(self) -> dict:
         """The LGBMConfig fields this run sets (the rest keep LGBMConfig's defaults)."""
         fields = {"lgbm_trees": "n_estimators", "lgbm_learning_rate": "learning_rate",
-                  "lgbm_neg_fraction": "neg_fraction", "lgbm_max_rows": "max_rows"}
+                  "lgbm_neg_fraction": "neg_fraction", "lgbm_max_rows": "max_rows", "lgbm_bagging": "bagging_fraction"}
         return {name: getattr(self, key) for key, name in fields.items() if getattr(self, key) is not None}
 
     @field_validator("run_name")
@@ -452,6 +453,7 @@ class CompareParams(BaseModel):
     lgbm_learning_rate: float | None = Field(None, gt=0, le=1)
     lgbm_neg_fraction: float | None = Field(None, gt=0, le=1)
     lgbm_max_rows: int | None = Field(None, ge=2)
+    lgbm_bagging: float | None = Field(None, gt=0, le=1)
     jobs: int | None = Field(None, ge=1, le=64)  # None: runs.compare.default_jobs
     n_boot: int = Field(1000, ge=100, le=100_000)
     score_test: bool = False

@@ -21,7 +21,7 @@ def _calibration():
 
 @pytest.mark.slow
 def test_null_worlds_get_no_content_verdict_and_a_planted_one_does(tmp_path, prefect_harness):
-    # LightGBM: deterministic given its data, so one training seed is its whole story. NRMS's
+    # LightGBM with one training seed (its seed draws the impressions each tree sees). NRMS's
     # seeds move the tiny world's dev AUC by several hundredths: its verdicts need several
     # seeds (compare --seeds), which benchmarks/calibration.py runs and a test cannot afford.
     # jobs=1: the runs one at a time in this process (the suite's other worker has the other core).

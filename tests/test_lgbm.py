@@ -152,6 +152,22 @@ def test_fit_beats_chance_with_early_stopping(tiny, fitted):
         == info["train_impressions"] == len(tiny["train"])
 
 
+def test_the_seed_draws_the_bagged_impressions_and_without_bagging_changes_nothing(tiny, fitted):
+    def scores(**options):
+        ranker = LightGBMRanker(fusion="hadamard", **FAST, **options)
+        ranker.fit(tiny["train"], tiny["valid"], tiny["features"])
+        return ranker.score(tiny["dev"])
+
+    ranker, _ = fitted  # seed 0 with the default bagging
+    assert ranker.config.booster_params()["bagging_by_query"] is True
+    same = scores(seed=0)
+    assert np.array_equal(same, ranker.score(tiny["dev"]))  # a seed is repeatable
+    assert not np.array_equal(scores(seed=1), same)  # another seed, other impressions per tree: another model
+    assert np.array_equal(scores(seed=0, bagging_fraction=1.0), scores(seed=1, bagging_fraction=1.0))
+    with pytest.raises(ValueError, match="bagging_fraction"):
+        LightGBMRanker(fusion="hadamard", bagging_fraction=0.0)
+
+
 def test_shuffled_labels_fall_to_chance(tiny):
     train = tiny["train"]
     shuffled = replace(train, labels=np.random.default_rng(0).permutation(train.labels))
@@ -369,7 +385,7 @@ def test_lambdarank_without_normalisation_improves_on_its_first_tree():
     labels = (rng.random(offsets[-1]) < 1 / (1 + np.exp(3.5 - 0.3 * x[:, 0]))).astype(int)
     none = _per_impression(offsets, labels) == 0
     labels[offsets[:-1][none] + rng.integers(0, counts[none])] = 1  # every impression has a click
-    params = {**LGBMConfig(n_jobs=1).booster_params(), "min_child_samples": 20}
+    params = {**LGBMConfig(n_jobs=1, bagging_fraction=1.0).booster_params(), "min_child_samples": 20}  # no bagging: the effect alone
     curves = {}
     for norm in (False, True):
         data = lgb.Dataset(x, labels, group=counts, params={**params, "lambdarank_norm": norm})

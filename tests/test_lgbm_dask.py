@@ -128,12 +128,14 @@ def test_replayed_early_stopping_is_lightgbms(data):
 
 def test_one_partition_trains_the_local_model(data, local, client):
     # One partition, one worker, no network: the same rows, labels, groups and parameters as
-    # the local fit must give the same trees.
+    # the local fit must give the same trees, the same impressions bagged for each. The
+    # data-parallel learner sums a bagged subset in another order: scores agree to ~1e-7
+    # (bit for bit with --lgbm-bagging 1, measured).
     ranker = DaskLightGBMRanker(client, partitions=1, **OPTIONS)
     ranker.fit(data["train"], data["valid"], data["features"])
     assert ranker.fit_info["dask_partitions"] == ranker.fit_info["dask_workers"] == 1
     assert ranker.best_iteration == local[0].best_iteration
-    np.testing.assert_array_equal(ranker.score(data["dev"]), local[0].score(data["dev"]))
+    np.testing.assert_allclose(ranker.score(data["dev"]), local[0].score(data["dev"]), rtol=1e-5, atol=1e-5)
 
 
 def test_two_workers_train_a_model_close_to_the_local_one(data, local, client, tmp_path):

@@ -314,7 +314,7 @@ def test_a_comparison_over_seeds_reports_every_seed(tiny_world, tmp_path, prefec
     from flows.compare import build_flow
 
     params = CompareParams(data=tiny_world, rankers=["nrms", "lightgbm"], sources=["text", "hadamard"], baselines=["popularity"], text="bert", image="vit", blip="blip", 
-                           seeds=2, seed=3, jobs=2, epochs=2, n_boot=100, storage=tmp_path, name="seeds",
+                           seeds=2, seed=3, jobs=2, epochs=2, n_boot=100, storage=tmp_path, name="seeds", lgbm_bagging=1.0,
                            progress=False)
     result = build_flow()(params)
     report = json.loads((Path(result["folder"]) / "metrics.json").read_text())
@@ -327,7 +327,7 @@ def test_a_comparison_over_seeds_reports_every_seed(tiny_world, tmp_path, prefec
             assert (tmp_path / "models" / f"tiny__nrms__{name.split(' · ')[1].split(' ')[0].replace('text+image', 'hadamard')}__bert{'+vit' if 'image' in name else ''}__seed{s}").is_dir()
     assert runs["popularity"].get("seeds") is None  # a deterministic baseline runs once
     assert "two-level bootstrap" in " ".join(report["notes"])
-    # LightGBM draws nothing at random with its defaults: the report says its seeds changed nothing,
+    # LightGBM without bagging draws nothing at random: the report says its seeds changed nothing,
     # and says so of no NRMS run (their seeds differ).
     assert runs["lightgbm · text"]["seeds"][0]["metrics"] == runs["lightgbm · text"]["seeds"][1]["metrics"]
     (same,) = [n for n in report["notes"] if n.startswith("Seeds that changed nothing")]
