@@ -139,7 +139,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -159,6 +158,7 @@ import numpy as np
 from h5py import h5d, h5p
 
 from storage.errors import PipelineError, run_cli
+from storage.locks import lock_exclusively
 
 log = logging.getLogger(__name__)
 
@@ -866,23 +866,8 @@ class FeatureWriter:
     def _acquire_lock(self) -> None:
         lock = _lock_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise PipelineError(f"{self.path}: another process is writing this feature store "
-                                    f"(it holds {lock}); wait for it to finish") from None
-            # The holder before us may have unlinked the lock file on its way out.
-            try:
-                same = os.stat(lock).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self._lock_fd = fd
-                return
-            os.close(fd)
+        self._lock_fd = lock_exclusively(lock, f"{self.path}: another process is writing this feature store "
+                                               f"(it holds {lock}); wait for it to finish")
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:

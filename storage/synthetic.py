@@ -89,7 +89,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import fcntl
 import json
 import logging
 import math
@@ -106,6 +105,7 @@ import numpy as np
 
 from storage.cards import STYLE_NAMES, draw_cover, render_card
 from storage.errors import PipelineError, run_cli
+from storage.locks import lock_exclusively
 from storage.submission import write_truth, write_values
 
 log = logging.getLogger(__name__)
@@ -1014,22 +1014,9 @@ class _Generation:
 
     def __enter__(self) -> _Generation:
         self.out.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.marker, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise PipelineError(f"{self.out}: another process is generating a world there (it holds "
-                                    f"{self.marker}); wait for it to finish") from None
-            try:  # the holder before us may have removed the marker on its way out
-                same = os.stat(self.marker).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                self.fd = fd
-                return self
-            os.close(fd)
+        self.fd = lock_exclusively(self.marker, f"{self.out}: another process is generating a world there (it "
+                                                f"holds {self.marker}); wait for it to finish")
+        return self
 
     def clear(self) -> None:
         """Remove what an interrupted generation left (everything but the marker)."""
