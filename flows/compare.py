@@ -36,18 +36,18 @@ def build_flow():
     from prefect.states import Failed
 
     from flows.extract import extract_task
-    from flows.pretrain import pretrain_stage
+    from flows.pretrain import pretrain_stage, pretrain_task
     from flows.rank import rank_task
-    from runs.compare import build_report, default_jobs, extractions, plan, thread_share
+    from runs.compare import build_report, cores, default_jobs, extractions, plan, thread_share
     from runs.isolated import close_idle
     from runs.params import ExtractParams
-    from runs.pretrain import kinds_needed
+    from runs.pretrain import TEXT_INIT, kinds_needed
     from runs.presets import get_preset, thesis_markdown
     from runs.render import render_markdown
     from runs.report import write_report
     from runs.workspace import Workspace
 
-    extract_one, rank_one = extract_task(), rank_task()
+    extract_one, rank_one, pretrain_one = extract_task(), rank_task(), pretrain_task()
 
     def write(params: CompareParams, workspace, runs: list):
         report = build_report(params, workspace, runs)
@@ -76,17 +76,40 @@ def build_flow():
         data = workspace.data_dir(params.data, params.scale, params.world_seed)
         planned = plan(params, data)
         kinds = kinds_needed(spec for run in planned for spec in run.params.extractor_specs)
-        if kinds:  # the tiny encoders pre-trained on this data, when a run asks for them
-            folders = pretrain_stage(kinds, data, params.images, params.storage, params.progress, params.jobs)
+        # The tiny encoders pre-trained on this data, when a run asks for them. With two cores or
+        # more, a kind that starts from another (BLIP from the BERT) trains on one core in a
+        # process of its own while the extractions that do not need it run beside it.
+        later = [k for k in kinds if k in TEXT_INIT] if (params.jobs or cores()) > 1 else []
+        pending = {}
+        if kinds:
+            folders = pretrain_stage([k for k in kinds if k not in later], data, params.images, params.storage,
+                                     params.progress, params.jobs)
             if not isinstance(folders, dict):
                 return folders
-        for spec, titles in extractions(planned):
+            pending = {k: pretrain_one.submit(k, data, params.images, params.storage, False, 1) for k in later}
+
+        def wait_for(needed) -> str | None:
+            for kind in [k for k in needed if k in pending]:
+                future = pending.pop(kind)
+                future.wait()
+                if not future.state.is_completed():
+                    return f"pretrain {kind}: {future.state.message}"
+            return None
+
+        # Stable: the extractions that need a kind still training come last.
+        for spec, titles in sorted(extractions(planned), key=lambda item: bool(set(kinds_needed([item[0]])) & set(pending))):
+            failed = wait_for(kinds_needed([spec]))
+            if failed:
+                return Failed(message=failed)
             extract_params = ExtractParams(data=data, images=params.images, titles=titles, extractors=[spec],
                                            device=params.device, storage=params.storage, progress=params.progress,
                                            allow_no_images=params.allow_no_images)
             state = extract_one(spec, extract_params, workspace, return_state=True)
             if state.is_failed():
                 return Failed(message=state.message)
+        failed = wait_for(list(pending))
+        if failed:
+            return Failed(message=failed)
         jobs = min(default_jobs(params), sum(len(run.seeds) for run in planned))
         threads = thread_share(params) if jobs > 1 else None  # one run at a time: in this process
         calls = [(label, replica, workspace, threads) for run in planned for label, replica in run.replicas()]
