@@ -41,8 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration import WORLDS, world_dir  # benchmarks/calibration.py: same worlds, same cache
-from pretrain import hidden_news, probe  # benchmarks/pretrain.py: the hidden truth and the linear probe
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # also as -m
+from calibration import WORLDS, world_dir  # noqa: E402  benchmarks/calibration.py: same worlds, same cache
+from pretrain import hidden_news, probe  # noqa: E402  benchmarks/pretrain.py: the hidden truth, the probe
 
 TEXT, IMAGE = "bert:pretrained", "vit:pretrained"
 

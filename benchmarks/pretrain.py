@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -43,7 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract import synthetic_world  # benchmarks/extract.py: the world with its cards, made once
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # also as -m
+from extract import synthetic_world  # noqa: E402  benchmarks/extract.py: the world with its cards, made once
 from storage.errors import run_cli
 
 KINDS = ("bert", "vit", "blip")
