@@ -31,7 +31,10 @@ an image store's vectors tell covers from title cards anyway); True requires it,
 leaves it out.
 
 Training: lambdarank grouped by impression, NDCG@10 on the time-carved `valid` split for
-early stopping (dev is never seen). Impressions with no click or no non-click carry no
+early stopping (dev is never seen); each tree sees a seeded share of the training impressions
+(`bagging_fraction`, default 0.8, LightGBM's bagging by query), so different seeds give
+different models and a comparison's seed replicates measure how much a fit owes to the
+impressions it saw (with 1.0 LightGBM draws nothing at random). Impressions with no click or no non-click carry no
 pairwise signal and are dropped from train and valid (counted in the ranker's `fit_info`,
 also saved in config.json; FitReport.history holds valid NDCG@10 per boosting round).
 Rows: `neg_fraction` keeps every click and a seeded fraction of each impression's
