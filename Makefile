@@ -9,6 +9,11 @@ export DO_NOT_TRACK ?= 1
 # Idle OpenMP threads sleep instead of spinning: on shared 2-core machines spinning torch
 # threads made a ranker epoch 8x slower (rankers/train.py, cpu_threads).
 export OMP_WAIT_POLICY ?= PASSIVE
+# Python writes each module's bytecode on its first import, so later processes (rank children,
+# pytest workers) start from it. This environment sets PYTHONDONTWRITEBYTECODE; compiling the
+# whole environment at sync time instead (uv's compile-bytecode, 19,600 files with torch's
+# and Prefect's) cost 30 to 50 s of every fresh clone's set-up, for modules the commands never import.
+unexport PYTHONDONTWRITEBYTECODE
 VENV_PY := $(CURDIR)/.venv/bin/python
 
 .PHONY: demo test sync bench calibration gpu clean
