@@ -4,7 +4,8 @@ any work starts, running a flow against one Prefect server, and tasks that fail 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from runs.params import validated
@@ -48,24 +49,70 @@ def guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 __all__ = ["guarded", "run_flow", "validated"]
 
 
-def run_bounded(task, calls: list[tuple], jobs: int) -> list:
-    """Submit `task(*call)` for every call with at most `jobs` running at once; their final
-    states, in the calls' order. Every call runs (a failure does not cancel the others, whose
-    results a rerun reuses); the caller decides what a failed state means."""
+IN_PROCESS = "in-process"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One task call of a `run_graph`: `task.submit(*args)` once every job named in `after`
+    has completed. Jobs that share an `exclusive` name never run at once (work done in this
+    process, which shares torch's threads and random generator, is all "in-process"). A
+    failed `fatal` job stops the graph: nothing new starts, what runs finishes."""
+
+    key: Hashable
+    task: Any
+    args: tuple
+    after: tuple = ()
+    exclusive: str | None = None
+    fatal: bool = False
+
+
+def run_graph(jobs: Sequence[Job], slots: int) -> dict:
+    """Run `jobs` with at most `slots` at once, each as soon as what it needs is done, the
+    first ready in list order first; key -> final state. A job whose prerequisite failed, or
+    that a failed fatal job kept from starting, does not run and maps to None. Every other
+    job runs (a failure does not cancel the others, whose results a rerun reuses); the caller
+    decides what a failed state means."""
     from prefect.futures import as_completed
 
-    states: list = [None] * len(calls)
-    running: dict = {}
-    waiting = list(enumerate(calls))
-    while waiting or running:
-        while waiting and len(running) < max(1, jobs):
-            i, call = waiting.pop(0)
-            running[i] = task.submit(*call)
-        done = next(as_completed(list(running.values())))
-        i = next(k for k, f in running.items() if f is done)
+    states: dict = {}
+    running: dict = {}  # key -> (job, future)
+    waiting = list(jobs)
+    stopped = False
+    while True:
+        held = {job.exclusive for job, _ in running.values() if job.exclusive}
+        for job in list(waiting):
+            if stopped or any(k in states and not _completed(states[k]) for k in job.after):
+                waiting.remove(job)
+                states[job.key] = None
+            elif len(running) < max(1, slots) and all(k in states for k in job.after) and (
+                    job.exclusive is None or job.exclusive not in held):
+                waiting.remove(job)
+                running[job.key] = (job, job.task.submit(*job.args))
+                if job.exclusive:
+                    held.add(job.exclusive)
+        if not running:
+            break
+        done = next(as_completed([future for _, future in running.values()]))
+        key = next(k for k, (_, future) in running.items() if future is done)
         done.wait()
-        states[i] = running.pop(i).state
+        job, _ = running.pop(key)
+        states[key] = done.state
+        stopped = stopped or (job.fatal and not done.state.is_completed())
+    for job in waiting:  # prerequisites that never ran
+        states[job.key] = None
     return states
+
+
+def _completed(state) -> bool:
+    return state is not None and state.is_completed()
+
+
+def run_bounded(task, calls: list[tuple], jobs: int) -> list:
+    """Submit `task(*call)` for every call with at most `jobs` running at once; their final
+    states, in the calls' order (a run_graph without prerequisites)."""
+    states = run_graph([Job(i, task, call) for i, call in enumerate(calls)], jobs)
+    return [states[i] for i in range(len(calls))]
 
 
 # ----------------------------------------------------------------------------- shared options

@@ -22,7 +22,7 @@ import datetime as _dt
 from collections.abc import Sequence
 from pathlib import Path
 
-from flows.common import add_allow_no_images, add_lightgbm_options, add_world_options, guarded, run_bounded, run_flow, validated
+from flows.common import add_allow_no_images, add_lightgbm_options, add_world_options, guarded, run_flow, validated
 from runs.params import CompareParams
 from storage import atomic
 from storage.errors import run_cli
@@ -35,10 +35,11 @@ def build_flow():
     from prefect.cache_policies import NO_CACHE
     from prefect.states import Failed
 
+    from flows.common import IN_PROCESS, Job, run_graph
     from flows.extract import extract_task
-    from flows.pretrain import pretrain_stage, pretrain_task
+    from flows.pretrain import pretrain_task
     from flows.rank import rank_task
-    from runs.compare import build_report, cores, default_jobs, extractions, plan, thread_share
+    from runs.compare import PlannedRun, build_report, cores, default_jobs, extractions, plan, thread_share
     from runs.isolated import close_idle
     from runs.params import ExtractParams
     from runs.pretrain import TEXT_INIT, kinds_needed
@@ -75,57 +76,62 @@ def build_flow():
         workspace = Workspace(params.storage)
         data = workspace.data_dir(params.data, params.scale, params.world_seed)
         planned = plan(params, data)
-        kinds = kinds_needed(spec for run in planned for spec in run.params.extractor_specs)
-        # The tiny encoders pre-trained on this data, when a run asks for them. With two cores or
-        # more, a kind that starts from another (BLIP from the BERT) trains on one core in a
-        # process of its own while the extractions that do not need it run beside it.
-        later = [k for k in kinds if k in TEXT_INIT] if (params.jobs or cores()) > 1 else []
-        pending = {}
-        if kinds:
-            folders = pretrain_stage([k for k in kinds if k not in later], data, params.images, params.storage,
-                                     params.progress, params.jobs)
-            if not isinstance(folders, dict):
-                return folders
-            pending = {k: pretrain_one.submit(k, data, params.images, params.storage, False, 1) for k in later}
-
-        def wait_for(needed) -> str | None:
-            for kind in [k for k in needed if k in pending]:
-                future = pending.pop(kind)
-                future.wait()
-                if not future.state.is_completed():
-                    return f"pretrain {kind}: {future.state.message}"
-            return None
-
-        # Stable: the extractions that need a kind still training come last.
-        for spec, titles in sorted(extractions(planned), key=lambda item: bool(set(kinds_needed([item[0]])) & set(pending))):
-            failed = wait_for(kinds_needed([spec]))
-            if failed:
-                return Failed(message=failed)
-            extract_params = ExtractParams(data=data, images=params.images, titles=titles, extractors=[spec],
-                                           device=params.device, storage=params.storage, progress=params.progress,
-                                           allow_no_images=params.allow_no_images)
-            state = extract_one(spec, extract_params, workspace, return_state=True)
-            if state.is_failed():
-                return Failed(message=state.message)
-        failed = wait_for(list(pending))
-        if failed:
-            return Failed(message=failed)
-        jobs = min(default_jobs(params), sum(len(run.seeds) for run in planned))
-        threads = thread_share(params) if jobs > 1 else None  # one run at a time: in this process
-        calls = [(label, replica, workspace, threads) for run in planned for label, replica in run.replicas()]
+        calls = [(label, replica) for run in planned for label, replica in run.replicas()]
         try:
-            states = run_bounded(rank_one, calls, jobs)
+            states = run_graph(graph(params, data, workspace, planned, calls), params.jobs or cores())
         finally:
-            close_idle()  # the ranking children, kept between runs (runs.isolated)
-        for (label, *_), state in zip(calls, states):
-            if not state.is_completed():
-                return Failed(message=f"{label}: {state.message}")
-        outcomes = iter(state.result() for state in states)
+            close_idle()  # the ranking and pre-training children, kept between jobs (runs.isolated)
+        for key, state in states.items():
+            if key[0] != "rank" and state is not None and not state.is_completed():
+                return Failed(message=f"pretrain {key[1]}: {state.message}" if key[0] == "pretrain" else state.message)
+        for i, (label, _) in enumerate(calls):
+            state = states[("rank", i)]
+            if state is None or not state.is_completed():
+                return Failed(message=f"{label}: {state.message if state is not None else 'not run'}")
+        outcomes = iter(states[("rank", i)].result() for i in range(len(calls)))
         runs = [(run, [next(outcomes) for _ in run.seeds]) for run in planned]
         state = report_task(params, workspace, runs, return_state=True)
         if state.is_failed():
             return Failed(message=state.message)
         return state.result()
+
+    def graph(params: CompareParams, data, workspace, planned, calls) -> list[Job]:
+        """The comparison's work as jobs, each started as soon as what it needs is there: the
+        tiny encoders pre-trained on this data (side by side, BLIP after the BERT it starts
+        from), each store extracted once its encoder is trained (in this process, one at a
+        time), each ranking run once its stores exist. On two cores or more the ranking runs
+        and pre-training take one core each in processes of their own, so the text runs train
+        while BLIP still pre-trains; with one job at a time (a GPU) a run trains in this
+        process after every store is there."""
+        slots = params.jobs or cores()
+        kinds = kinds_needed(spec for run in planned for spec in run.params.extractor_specs)
+        first = [k for k in kinds if k not in TEXT_INIT]
+        together = min(len(first), slots)
+        jobs = []
+        for kind in kinds:
+            if kind in TEXT_INIT:  # after the kind it starts from; one core when others run beside it
+                threads = 1 if slots > 1 else None
+                after = (("pretrain", TEXT_INIT[kind]),)
+            else:
+                threads = max(1, cores() // together) if together > 1 else None
+                after = ()
+            progress = params.progress and threads is None
+            jobs.append(Job(("pretrain", kind), pretrain_one, (kind, data, params.images, params.storage, progress, threads),
+                            after, None if threads else IN_PROCESS, fatal=True))
+        for spec, titles in extractions(planned):
+            extract_params = ExtractParams(data=data, images=params.images, titles=titles, extractors=[spec],
+                                           device=params.device, storage=params.storage, progress=params.progress,
+                                           allow_no_images=params.allow_no_images)
+            jobs.append(Job(("extract", spec, titles), extract_one, (spec, extract_params, workspace),
+                            tuple(("pretrain", k) for k in kinds_needed([spec])), IN_PROCESS, fatal=True))
+        everything = tuple(job.key for job in jobs)
+        # One run at a time (a GPU, --jobs 1): in this process.
+        threads = thread_share(params) if min(default_jobs(params), len(calls)) > 1 else None
+        for i, (label, replica) in enumerate(calls):
+            needs = tuple(("extract", spec, titles) for spec, titles in extractions([PlannedRun(label, replica)]))
+            jobs.append(Job(("rank", i), rank_one, (label, replica, workspace, threads),
+                            needs if threads else everything, None if threads else IN_PROCESS))
+        return jobs
 
     return compare
 

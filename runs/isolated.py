@@ -41,8 +41,9 @@ FAILURE = "mmnews-error: "
 
 
 def die_with_parent(parent: int) -> None:
-    """In a child process, before exec (a Popen preexec_fn): on Linux the kernel sends it
-    SIGTERM when the parent dies, even by SIGKILL; elsewhere nothing."""
+    """In a child process of `parent` (first thing after exec, or a Popen preexec_fn): on Linux
+    the kernel sends it SIGTERM when the parent (the thread that started it) dies, even by
+    SIGKILL; elsewhere nothing. A child whose parent is already gone exits."""
     import ctypes
     import signal
 
@@ -80,12 +81,13 @@ class _Worker:
                "OPENBLAS_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         root = Path(__file__).resolve().parents[1]
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-        parent = os.getpid()
         self.stderr = tempfile.TemporaryFile(mode="w+", prefix="mmnews-child-")
+        # The child asks for the death signal itself (`--parent`), first thing after exec: a
+        # preexec_fn would run Python between fork and exec, which can deadlock while another
+        # thread of this process holds a lock (an extraction importing a library beside it).
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "runs.isolated", str(threads), "--serve"], env=env, text=True, bufsize=1,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-            preexec_fn=(lambda: die_with_parent(parent)) if sys.platform.startswith("linux") else None,
+            [sys.executable, "-m", "runs.isolated", str(threads), "--serve", "--parent", str(os.getpid())],
+            env=env, text=True, bufsize=1, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
         )
 
     def call(self, job: dict) -> dict:
@@ -161,11 +163,20 @@ def close_idle() -> None:
 atexit.register(close_idle)
 
 
+_WORKSPACES: dict = {}
+
+
 def _run(job: dict) -> dict:
     if job["job"] == "rank":
         from runs.rank import run_rank
+        from runs.workspace import Workspace
 
-        return asdict(run_rank(RankParams.model_validate(job["params"])))
+        # One workspace for the child's life (the jobs of one comparison, see close_idle): each
+        # dataset's files are read once per process, as in the parent, not once per run.
+        params = RankParams.model_validate(job["params"])
+        key = str(params.storage)
+        workspace = _WORKSPACES.get(key) or _WORKSPACES.setdefault(key, Workspace(params.storage))
+        return asdict(run_rank(params, workspace))
     from runs.pretrain import ensure_pretrained
 
     images = Path(job["images"]) if job["images"] else None
@@ -178,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from storage.errors import as_pipeline_error
 
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--parent" in args and sys.platform.startswith("linux"):
+        die_with_parent(int(args[args.index("--parent") + 1]))
     threads = int(args[0]) if args and args[0].isdigit() else 1
     import torch
 

@@ -118,6 +118,20 @@ def test_deployment_parameters_get_the_same_checks():
         RankParams.model_validate({"run_name": "/abs/path", "ranker": "random"})
     with pytest.raises(ValidationError, match="world_seed|extra|seed"):
         ExtractParams.model_validate({"world_seed": -1})
+    # a parameter the command no longer takes (extract's old `seed`, now `world_seed`) is refused, not dropped
+    with pytest.raises(ValidationError, match="extra_forbidden|Extra inputs"):
+        ExtractParams.model_validate({"seed": 3})
+
+
+@pytest.mark.parametrize("module", ["flows.compare", "flows.extract"])
+def test_a_file_as_storage_root_is_one_line_before_any_server_starts(module, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for root, expected in ((blocker, "is a file, not a folder"), (blocker / "below", f"lies under {blocker}, a file")):
+        done = cli(module, "--storage", str(root), env={"PREFECT_API_URL": DEAD_API})
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+        assert expected in done.stderr, done.stderr
 
 
 def test_the_schema_the_server_enforces_refuses_what_a_ranker_cannot_train_on():
@@ -139,6 +153,7 @@ def test_the_schema_the_server_enforces_refuses_what_a_ranker_cannot_train_on():
     assert not accepted({"sources": ["gated"]})  # the default rankers include lightgbm
     assert accepted({"rankers": ["nrms"], "sources": ["concat"]})
     assert accepted({"rankers": ["lightgbm"], "sources": ["text", "hadamard"]})
+    assert not accepted({"rankers": ["nrms"], "sorces": ["text"]})  # a misspelt parameter
 
 
 # ------------------------------------------------------------------------------ the server
@@ -224,6 +239,21 @@ def test_a_server_that_does_not_answer_is_one_line(monkeypatch):
         started.start(timeout=2)
     started.stop()
     assert started.process.poll() is not None
+
+
+def test_the_server_waits_as_long_as_the_user_says(monkeypatch):
+    """A generous default for a loaded machine; PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+    (Prefect's own name for it) overrides it, and a value that is not a number is one line."""
+    from flows import server
+    from storage.errors import PipelineError
+
+    monkeypatch.delenv(server.TIMEOUT_ENV, raising=False)
+    assert server.startup_timeout() == server.STARTUP_TIMEOUT_S >= 120
+    monkeypatch.setenv(server.TIMEOUT_ENV, "900")
+    assert server.startup_timeout() == 900
+    monkeypatch.setenv(server.TIMEOUT_ENV, "soon")
+    with pytest.raises(PipelineError, match="PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS='soon' is not a number"):
+        server.startup_timeout()
 
 
 # ------------------------------------------------------------------------------ Dask, loopback only
@@ -419,3 +449,99 @@ def test_the_report_answers_the_two_questions_content_first():
     assert first.startswith("Does the cover's content help") and "Not significantly for nrms" in first
     assert tone == "none"
     assert question_sentences(report)[1][0].startswith("Does having a cover help? Yes for nrms")
+
+
+# ----------------------------------------------------------------------------- flows.common.run_graph
+
+
+@pytest.fixture(scope="module")
+def graph_task(prefect_harness):
+    """(run, step): `step` a task that records when it ran, sleeps and fails when asked;
+    `run(jobs_of, slots)` runs the graph `jobs_of(step)` in a flow, its states and spans."""
+    import threading
+    import time
+
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    log: list = []
+    lock = threading.Lock()
+
+    @task(cache_policy=NO_CACHE)
+    def step(name: str, seconds: float, fail: bool = False):
+        start = time.monotonic()
+        time.sleep(seconds)
+        with lock:
+            log.append((name, start, time.monotonic()))
+        if fail:
+            raise ValueError(f"{name} failed")
+        return name
+
+    def run(schedule):
+        log.clear()
+        result = flow(lambda: schedule(step), name="graph")()
+        return result, {name: (start, end) for name, start, end in log}
+
+    return run
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def test_a_job_starts_once_what_it_needs_is_done_and_not_before(graph_task):
+    from flows.common import Job, run_graph
+
+    states, spans = graph_task(lambda step: run_graph([
+        Job("slow", step, ("slow", 3.0)),
+        Job("fast", step, ("fast", 0.1)),
+        Job("after-fast", step, ("after-fast", 0.1), after=("fast",)),
+        Job("after-both", step, ("after-both", 0.05), after=("slow", "after-fast")),
+    ], 2))
+    assert all(state.is_completed() for state in states.values())
+    assert spans["after-fast"][0] >= spans["fast"][1]
+    assert spans["after-both"][0] >= max(spans["slow"][1], spans["after-fast"][1])
+    assert _overlap(spans["after-fast"], spans["slow"]), spans  # what needs only the fast job does not wait for the slow one
+
+
+def test_slots_and_exclusive_jobs_bound_what_runs_at_once(graph_task):
+    from flows.common import Job, run_graph
+
+    states, spans = graph_task(lambda step: run_graph([
+        Job("a", step, ("a", 2.0), exclusive="here"),
+        Job("b", step, ("b", 0.1), exclusive="here"),
+        Job("c", step, ("c", 0.1)),
+        Job("d", step, ("d", 0.1)),
+    ], 2))
+    assert all(state.is_completed() for state in states.values())
+    assert not _overlap(spans["a"], spans["b"])
+    for t in {s for span in spans.values() for s in span}:
+        assert sum(start <= t < end for start, end in spans.values()) <= 2
+    assert _overlap(spans["a"], spans["c"]) and _overlap(spans["a"], spans["d"])  # b waited, the slot did not
+
+
+def test_a_failed_prerequisite_skips_its_dependents_and_a_fatal_one_stops_the_graph(graph_task):
+    from flows.common import Job, run_graph
+
+    states, spans = graph_task(lambda step: run_graph([
+        Job("broken", step, ("broken", 0.05, True)),
+        Job("needs-broken", step, ("needs-broken", 0.05), after=("broken",)),
+        Job("independent", step, ("independent", 0.05)),
+    ], 1))
+    assert states["broken"].is_failed() and "broken failed" in states["broken"].message
+    assert states["needs-broken"] is None and "needs-broken" not in spans
+    assert states["independent"].is_completed()  # a failure does not cancel the others
+
+    states, spans = graph_task(lambda step: run_graph([
+        Job("fatal", step, ("fatal", 0.05, True), fatal=True),
+        Job("later", step, ("later", 0.05)),
+    ], 1))
+    assert states["fatal"].is_failed() and states["later"] is None and "later" not in spans
+
+
+def test_run_bounded_gives_the_states_in_the_calls_order(graph_task):
+    from flows.common import run_bounded
+
+    states, spans = graph_task(lambda step: run_bounded(step, [(f"j{i}", 0.4 * (2 - i)) for i in range(3)], 3))
+    assert [state.result() for state in states] == ["j0", "j1", "j2"]
+    assert spans["j2"][1] < spans["j0"][1]  # they ran at once, the last call first done
