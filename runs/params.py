@@ -154,10 +154,25 @@ def _ranker_fusion_schema(ranker_field: str, fusion_field: str, many: bool, defa
     return rules
 
 
+class _Params(BaseModel):
+    """What every command's parameters share: a name no command knows is refused (a misspelt or
+    outdated deployment parameter is an error, not silently dropped), and the storage root
+    (--storage or MMNEWS_STORAGE) is checked with the rest, before any server starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _storage_root(self):
+        from storage.paths import check_storage_root
+
+        _as_value_error(lambda: check_storage_root(getattr(self, "storage", None)))
+        return self
+
+
 # ----------------------------------------------------------------------------- extract
 
 
-class ExtractParams(BaseModel):
+class ExtractParams(_Params):
     """`python -m flows.extract`: frozen features of every news into HDF5 stores."""
 
     data: Path | None = None
@@ -215,7 +230,7 @@ class ExtractParams(BaseModel):
         return self
 
 
-class PretrainParams(BaseModel):
+class PretrainParams(_Params):
     """`python -m flows.pretrain`: the tiny encoders pre-trained on the dataset's train news."""
 
     data: Path | None = None
@@ -256,7 +271,7 @@ def _needs(flag: str, info: ValidationInfo, on: str, why: str) -> None:
         raise ValueError(f"{flag} needs --{on.replace('_', '-')} ({why})")
 
 
-class RankParams(BaseModel):
+class RankParams(_Params):
     """`python -m flows.rank`: train one ranker, evaluate it on dev, write it all."""
 
     model_config = ConfigDict(json_schema_extra={"allOf": _ranker_fusion_schema("ranker", "fusion", many=False,
@@ -425,7 +440,7 @@ def _check_name(option: str, name: str) -> None:
 # ----------------------------------------------------------------------------- compare
 
 
-class CompareParams(BaseModel):
+class CompareParams(_Params):
     """`python -m flows.compare`: every ranker x source plus baselines on the same dev impressions."""
 
     model_config = ConfigDict(json_schema_extra={"allOf": _ranker_fusion_schema("rankers", "sources", many=True,
@@ -516,6 +531,8 @@ def describe(err: ValidationError, options: dict[str, str] | None = None) -> str
     def one(e: dict) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         loc = [str(p) for p in e["loc"] if not isinstance(p, int)]
+        if e["type"] == "extra_forbidden":
+            return f"{'.'.join(loc)!r} is not a parameter of this command (a misspelling, or one it no longer takes)"
         if not loc or isinstance((e.get("ctx") or {}).get("error"), PipelineError):
             return msg  # the whole plan's checks, or a message that names its option itself
         return "--" + options.get(loc[0], loc[0]).replace("_", "-") + f": {msg}"

@@ -99,6 +99,20 @@ def storage_root(override: str | os.PathLike[str] | None = None) -> Path:
     return (Path.cwd() / "storage").resolve()
 
 
+def check_storage_root(override: str | os.PathLike[str] | None = None) -> Path:
+    """The storage root if it can be one: neither a file nor under a file (checked with the
+    parameters, before any work; it is created when first needed)."""
+    root = storage_root(override)
+    for path in (root, *root.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "is a file" if path == root else f"lies under {path}, a file"
+                raise PipelineError(f"{_source(override)} {root}: {where}, not a folder; give a folder as the "
+                                    "storage root (it is created if missing)")
+            break
+    return root
+
+
 def check_writable(folder: str | os.PathLike[str], what: str = "folder") -> Path:
     """`folder` if this process can create a file in it (tried, not guessed from permission
     bits: root ignores them and a read-only mount does not show in them); else one line."""
