@@ -27,11 +27,14 @@ def learn_vocabulary(titles: Sequence[str], vocab_size: int) -> list[str]:
     from tokenizers.normalizers import BertNormalizer
     from tokenizers.pre_tokenizers import BertPreTokenizer
 
+    from extractors.encoded import title_chars
+
     normalizer = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=True, lowercase=True)
     pre = BertPreTokenizer()
     words: Counter[str] = Counter()
+    limit = title_chars(512)  # what an extractor would tokenise of it at most
     for title in titles:
-        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(title)))
+        words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(str(title)[:limit])))
     chars = sorted({c for w in words for c in w})
     vocab = SPECIAL_TOKENS + chars + [f"##{c}" for c in chars]
     room = max(vocab_size - len(vocab), 0)

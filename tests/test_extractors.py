@@ -344,3 +344,34 @@ def test_huge_titles_are_cut_before_tokenising(tmp_path, monkeypatch):
                                                                         call(self, titles))[1])
     extract_catalogue(bert, load_catalogue(data), tmp_path / "features", device="cpu", progress=False)
     assert seen and max(seen) <= 2048
+
+
+def test_huge_titles_are_cut_for_pre_training_and_the_tiny_vocabulary(tmp_path, monkeypatch):
+    """The default extractors pre-train on the train titles and learn their vocabulary from
+    them: those paths cut as the extractors do (a 50 MB title once cost gigabytes there)."""
+    import extractors.tokenizer as tokenizer
+    from extractors.pretraining.corpus import load_corpus
+
+    huge = "breaking " * 120_000  # about 1 MB
+    (tmp_path / "train").mkdir()
+    rows = [f"N{i}\tnews\tgeneral\t{t}\t{huge if i == 1 else ''}\t\t[]\t[]" for i, t in enumerate([huge, *TITLES])]
+    (tmp_path / "train" / "news.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    corpus = load_corpus(tmp_path)
+    assert max(map(len, corpus.texts())) == 8192 and corpus.title[1] == TITLES[0]
+    from tokenizers import normalizers  # learn_vocabulary imports its normalizer from here on each call
+
+    normalised: list[int] = []
+
+    real = normalizers.BertNormalizer
+
+    class Spy:
+        def __init__(self, **kwargs):
+            self.inner = real(**kwargs)
+
+        def normalize_str(self, text):
+            normalised.append(len(text))
+            return self.inner.normalize_str(text)
+
+    monkeypatch.setattr(normalizers, "BertNormalizer", Spy)
+    vocab = tokenizer.learn_vocabulary([huge, *TITLES], 200)
+    assert max(normalised) == 8192 and "breaking" in vocab

@@ -73,7 +73,18 @@ def load_corpus(data_dir: str | Path, images_dir: str | Path | None = None) -> C
     paths = tuple(
         image_dir / f"{n}.jpg" if image_dir is not None and n in catalogue.images else None for n in news.ids
     )
-    return Corpus(root, news.ids, news.category, news.title, news.abstract, paths)
+    return Corpus(root, news.ids, news.category, _cut(news.title), _cut(news.abstract), paths)
+
+
+def _cut(texts: np.ndarray) -> np.ndarray:
+    """Texts cut as the extractors cut them before tokenising (extractors.encoded.title_chars at
+    the longest sequence anything here keeps): a 50 MB title costs no tokenizer gigabytes."""
+    from extractors.encoded import title_chars
+
+    limit = title_chars(512)
+    if not any(len(str(t)) > limit for t in texts):
+        return texts
+    return np.array([str(t)[:limit] for t in texts], dtype=object)
 
 
 def card_pixels(corpus: Corpus, size: tuple[int, int], progress: bool = False) -> torch.Tensor:
