@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from storage import atomic
+
 Metric = Literal["auc", "mrr", "ndcg@5", "ndcg@10"]
 METRICS: tuple[str, ...] = ("auc", "mrr", "ndcg@5", "ndcg@10")
 FILES = {
@@ -291,19 +293,11 @@ def write_report(folder: str | os.PathLike[str], report: Report | Mapping) -> di
         fig = draw(data)
         if fig is not None:
             path = folder / FILES[key]
-            tmp = path.with_name(f".{path.name}.tmp")
-            fig.savefig(tmp, format="png", dpi=fig.dpi)
-            os.replace(tmp, path)
+            with atomic.atomic_open(path, "wb") as handle:
+                fig.savefig(handle, format="png", dpi=fig.dpi)
             written[key] = path
             plots[key] = path.name
-    written["markdown"] = _write_text(folder / FILES["markdown"], render_markdown(model, plots))
-    written["html"] = _write_text(folder / FILES["html"], render_html(model, plots))
-    written["json"] = _write_text(folder / FILES["json"], model.model_dump_json(indent=2) + "\n")
+    written["markdown"] = atomic.write_text(folder / FILES["markdown"], render_markdown(model, plots))
+    written["html"] = atomic.write_text(folder / FILES["html"], render_html(model, plots))
+    written["json"] = atomic.write_text(folder / FILES["json"], model.model_dump_json(indent=2) + "\n")
     return written
-
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path

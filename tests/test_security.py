@@ -422,6 +422,23 @@ def test_a_full_disk_midway_keeps_the_previous_file_and_names_the_final_path(tmp
     assert describe_os_error(info.value).startswith(f"{target}: no space left on the device (ENOSPC); free space")
 
 
+def test_a_report_written_on_a_full_disk_keeps_the_previous_files_and_leaves_nothing(tmp_path, monkeypatch):
+    from test_reports import make_report
+
+    from runs.report import FILES, write_report
+
+    folder = tmp_path / "report"
+    first = write_report(folder, make_report())
+    before = {key: path.read_bytes() for key, path in first.items()}
+    failing_write(monkeypatch, after=2000)
+    with pytest.raises(OSError) as info:
+        write_report(folder, make_report())
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC and Path(info.value.filename).name in FILES.values()
+    assert {key: path.read_bytes() for key, path in first.items()} == before
+    assert leftovers(folder) == []
+
+
 def test_submission_writers_under_a_full_disk_leave_nothing(tmp_path, monkeypatch, capsys):
     from storage.submission import write_prediction
 
@@ -620,6 +637,31 @@ def test_a_cover_replaced_by_one_of_the_same_size_changes_the_fingerprint(worlds
     after = load_catalogue(world)
     assert cover.stat().st_size == old.st_size and after.images == before.images
     assert after.fingerprint() != before.fingerprint()
+
+
+def test_a_store_over_a_replaced_cover_is_extracted_again(worlds, tmp_path):
+    """The fingerprint's change reaches the stores: the next run extracts anew instead of
+    serving the vectors of the old cover (the same size, so only its time tells)."""
+    from runs.extract import extract_rows
+    from runs.params import ExtractParams
+    from runs.workspace import Workspace
+
+    world = tmp_path / "world"
+    shutil.copytree(worlds / "with-images", world)
+    params = ExtractParams(data=world, extractors=["vit:tiny"], storage=tmp_path / "storage", progress=False,
+                           workers=0)
+
+    def extract() -> dict:
+        return extract_rows(params, Workspace(params.storage), "vit:tiny")
+
+    assert extract()["cached"] is False and extract()["cached"] is True
+    cover = world / "images" / f"{sorted(load_catalogue(world).images)[0]}.jpg"
+    old = cover.stat()
+    data = bytearray(cover.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # other pixels, same size
+    cover.write_bytes(bytes(data))
+    os.utime(cover, ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000_000))
+    assert cover.stat().st_size == old.st_size and extract()["cached"] is False
 
 
 def test_the_fingerprint_ignores_when_the_catalogue_was_read(worlds):
