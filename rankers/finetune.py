@@ -62,8 +62,8 @@ from rankers.nrms import NRMSConfig
 from rankers.plmnr import FineTuneNRMS, RawNewsBank, enable_gradient_checkpointing, freeze_lowest, token_statistics
 from rankers.surgery import combine
 from rankers.train import (
-    GPU_PATHS, Batch, Samples, _scorable, autocast, batch_tensors, build_samples, isolated_rng, resolve_device, score_impressions,
-    train_loss,
+    GPU_PATHS, Batch, Samples, autocast, batch_tensors, build_samples, isolated_rng, resolve_device, score_impressions,
+    scorable, train_loss,
 )
 from storage.catalogue import Catalogue
 from storage import atomic
@@ -331,7 +331,7 @@ class FineTuneRanker:
             if stopper.stopped:
                 break
             row = self._train_epoch(epoch, train, history, mask, opt, state)
-            if _scorable(valid):
+            if scorable(valid):
                 metrics = None
                 if ctx.is_main:
                     metrics = evaluate(valid.cand_offsets, valid.labels, score_impressions(model, bank, valid))

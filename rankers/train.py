@@ -338,7 +338,7 @@ def score_impressions(model: NRMS, bank: NewsBank, impressions: Impressions, chu
 # The ranker
 
 
-def _scorable(impressions: Impressions) -> bool:
+def scorable(impressions: Impressions) -> bool:
     """Whether some impression has both a click and a non-click (else AUC is undefined)."""
     if not len(impressions) or not impressions.labeled:
         return False
@@ -529,7 +529,7 @@ class NRMSRanker:
                 raise PipelineError(f"{self.name}: training diverged in epoch {epoch} (mean loss "
                                     f"{total / max(batches, 1)}); lower the learning rate (now {cfg.lr})")
             metrics, auc = {}, None  # nothing to validate on: keep the last epoch
-            if _scorable(valid):
+            if scorable(valid):
                 t1 = time.perf_counter()
                 metrics = evaluate(valid.cand_offsets, valid.labels, self._score(valid)) if ctx.is_main else None
                 metrics = distributed.broadcast_object(metrics)
