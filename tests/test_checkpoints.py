@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from extractors.checkpoints import ensure_available, slug_of
 from extractors.layouts import LAYOUTS, install_in_hub_cache, write_checkpoint
@@ -48,13 +47,28 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 def stored(result) -> tuple[np.ndarray, FeatureStore]:
-    with FeatureStore.open(result.path) as store:
+    """The vectors and metadata of a store: an ExtractResult's, or the one at a path."""
+    with FeatureStore.open(getattr(result, "path", result)) as store:
         return store.load().vectors.astype(np.float32), store.meta
 
 
 def extract(spec: str, world: Path, features: Path, **options):
     extractor = create(spec, **options)
     return extractor, extract_catalogue(extractor, load_catalogue(world), features, device="cpu", progress=False)
+
+
+def extract_as_the_flow_does(spec: str, world: Path, storage: Path, pooling: str | None = None):
+    """The store `flows.extract` writes: its parameters (their validators are the preflight)
+    and its task's run-layer function; and the extractor, for its attributes. (The plain
+    function: see test_a_checkpoint_in_the_hub_cache_is_found_by_its_name.)"""
+    from runs.extract import extract_rows
+    from runs.params import ExtractParams
+    from runs.workspace import Workspace
+
+    params = ExtractParams(data=world, extractors=[spec], pooling=pooling, storage=storage, device="cpu",
+                           workers=0, progress=False)
+    row = extract_rows(params, Workspace(params.storage), spec)
+    return create(spec, pooling=pooling), Path(row["store"])
 
 
 # ---------------------------------------------------------------- equal to the libraries
@@ -69,8 +83,8 @@ def test_stores_equal_what_the_library_computes(repo, pooling, folders, world, t
     layout, path = LAYOUTS[repo], folders[repo]
     ckpt = ensure_available(layout.extractor, str(path), pooling)
     assert (ckpt.family, ckpt.pooling) == (layout.family, pooling or layout.pooling)
-    extractor, result = extract(f"{layout.extractor}:{path}", world, tmp_path, pooling=pooling)
-    vectors, meta = stored(result)
+    extractor, store_path = extract_as_the_flow_does(f"{layout.extractor}:{path}", world, tmp_path, pooling)
+    vectors, meta = stored(store_path)
     if layout.extractor == "bert":
         expected = reference_text(path, ckpt.pooling)
     else:
@@ -80,7 +94,7 @@ def test_stores_equal_what_the_library_computes(repo, pooling, folders, world, t
     assert meta.dim == extractor.dim == expected.shape[1] and ckpt.width in (None, meta.dim)
     assert meta.preprocess["pooling"] == ckpt.pooling and meta.preprocess["weights"].startswith("dir:")
     assert meta.revision == ckpt.revision and meta.revision.startswith("files-")
-    with FeatureStore.open(result.path) as store:
+    with FeatureStore.open(store_path) as store:
         tokens, mask = store.take_tokens(np.arange(len(TITLES)))
     assert tokens.shape[1:] == (extractor.num_tokens, extractor.token_dim)
     if layout.extractor == "vit":  # every patch token is real, and the count is the model's own
@@ -90,18 +104,17 @@ def test_stores_equal_what_the_library_computes(repo, pooling, folders, world, t
 @pytest.mark.parametrize("repo", BLIP)
 def test_blip_retrieval_checkpoints_equal_transformers(repo, folders, world, tmp_path):
     path = folders[repo]
-    extractor, result = extract(f"blip:{path}", world, tmp_path)
-    vectors, meta = stored(result)
-    images = world_images(world)
-    expected = reference_blip(path, images, TITLES[:4])
+    extractor, store_path = extract_as_the_flow_does(f"blip:{path}", world, tmp_path)
+    vectors, meta = stored(store_path)
+    expected = reference_blip(path, world_images(world), TITLES[:4])
     assert cosines(vectors[:4], expected["vectors"]).min() >= 0.999
     assert meta.dim == int(json.loads((path / "config.json").read_text())["text_config"]["hidden_size"])
-    # The unimodal pair, returned beside the grounded vector for the same pixels.
-    pixels = torch.stack([extractor.transform(img) for img in images])
-    out = extractor.encode(TITLES[:4], pixels)
+    # The unimodal pair, stored beside the grounded vector as extra datasets.
+    with FeatureStore.open(store_path) as store:
+        extras = store.load(tokens=False, extras=True).extras
     for name in ("image_embeds", "text_embeds"):
-        assert out.extras[name].shape == (4, extractor.projection_dim)
-        assert cosines(out.extras[name].numpy(), expected[name]).min() >= 0.999, name
+        assert extras[name].shape == (len(TITLES), extractor.projection_dim)
+        assert cosines(extras[name][:4].astype(np.float32), expected[name]).min() >= 0.999, name
 
 
 def test_a_checkpoint_in_the_hub_cache_is_found_by_its_name(folders, world, tmp_path, monkeypatch):
