@@ -26,11 +26,15 @@ sync: $(UV)
 	$(UV) sync --locked --python $(PYTHON)
 
 WORLD := storage/data/synthetic-small-seed0
+# The arms of the two questions (does having a cover help? does its content help beyond that?).
+# flows.compare's default grid adds image-only and BLIP arms: 7 min on 2 cores, over the demo's
+# 6-minute budget (their 6 NRMS runs alone are 140 CPU s).
+DEMO_SOURCES := text,text+cover,hadamard
 
 demo: sync
 	$(VENV_PY) -m storage.synthetic --scale small --seed 0 --out $(WORLD)
 	$(VENV_PY) -m storage.mind validate $(WORLD)
-	$(VENV_PY) -m flows.compare --data $(WORLD) --name demo --seeds 3
+	$(VENV_PY) -m flows.compare --data $(WORLD) --name demo --seeds 3 --sources $(DEMO_SOURCES)
 
 # Both cores: pytest-xdist, one file per worker at a time (module fixtures are built once).
 test: sync
