@@ -55,6 +55,11 @@ def run_script(code: str, *, fsize: int | None = None, timeout: int = 120) -> su
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("MMNEWS_TRACEBACK", None)
+    if fsize is not None:
+        # Python's own bytecode writer does not check for a short write: under the limit it would
+        # put a truncated .pyc in the environment's __pycache__, and every later import of that
+        # module fails ("marshal data too short").
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout, preexec_fn=limit if fsize is not None else None)
 
