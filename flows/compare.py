@@ -45,7 +45,7 @@ def build_flow():
     from runs.pretrain import TEXT_INIT, kinds_needed
     from runs.presets import get_preset, thesis_markdown
     from runs.render import render_markdown
-    from runs.report import write_report
+    from runs.render import write_report
     from runs.workspace import Workspace
 
     extract_one, rank_one, pretrain_one = extract_task(), rank_task(), pretrain_task()

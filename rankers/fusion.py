@@ -3,7 +3,7 @@
 One registry, and a fusion is one registered function: `@register(name, roles=..., label=...,
 layers=...)` on `fn(v, layers) -> (B, d)`, where `v` maps each role to its (B, d) news
 vectors and `layers` holds the learned layers the entry declares (each `Linear(d, d)`,
-built by `create_fusion`). The registry and the entries import no torch, so flows list,
+built by `rankers.fusion_module.create_fusion`). The registry and the entries import no torch, so flows list,
 validate and label fusions without loading it; an unknown or duplicate name raises with
 the list of known names. Every fusion declares the roles it needs, among FEATURE_ROLES: the
 extractor roles `text`, `image`, `blip` (a store's vectors) and `cover` (whether the news has a
@@ -94,13 +94,6 @@ def roles_of(name: str) -> tuple[str, ...]:
 def label_of(name: str) -> str:
     """How reports name fusion `name`, e.g. "text+image (hadamard)"."""
     return fusion_entry(name).label
-
-
-def create_fusion(name: str, dim: int) -> nn.Module:
-    """The fusion as a torch module: {role: (B, d)} -> (B, d), its layers of width `dim`."""
-    from rankers.fusion_module import FusionModule
-
-    return FusionModule(fusion_entry(name), dim)
 
 
 # ----------------------------------------------------------------------------- built-ins

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankers.fusion import FusionEntry
+from rankers.fusion import FusionEntry, fusion_entry
 
 
 class FusionModule(nn.Module):
@@ -25,3 +25,8 @@ class FusionModule(nn.Module):
         if missing:
             raise ValueError(f"fusion {self.name!r} needs roles {self.roles}; missing {missing}")
         return self.entry.fn(vectors, self.layers)  # (B, d)
+
+
+def create_fusion(name: str, dim: int) -> nn.Module:
+    """The fusion registered as `name` as a torch module: {role: (B, d)} -> (B, d), its layers of width `dim`."""
+    return FusionModule(fusion_entry(name), dim)

@@ -32,7 +32,8 @@ from torch import nn
 
 from rankers.attention import AdditiveAttention, Dropout, MaskedSelfAttention
 from rankers.base import ROLES, check_fields
-from rankers.fusion import create_fusion, roles_of
+from rankers.fusion import roles_of
+from rankers.fusion_module import create_fusion
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,15 @@ import datetime as _dt
 import html
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from runs.report import FILES, Report, ReportError
+from storage import atomic
 
 METRICS = ("auc", "mrr", "ndcg@5", "ndcg@10")
 LABELS = {"auc": "AUC", "mrr": "MRR", "ndcg@5": "nDCG@5", "ndcg@10": "nDCG@10"}
@@ -29,8 +34,6 @@ FEW = "too few impressions for an interval"
 
 def as_data(report) -> Mapping:
     """A report (runs.report.Report or a dict that validates as one) as plain validated data."""
-    from runs.report import Report
-
     return report.model_dump() if isinstance(report, Report) else Report.parse(report).model_dump()
 
 
@@ -273,8 +276,6 @@ def thesis_table(runs: Sequence[Mapping], digits: int = 3) -> str:
 
 def _thesis(runs: Sequence[Mapping], digits: int = 3) -> Table:
     headers = [_text("experiment")] + [_text(LABELS[m], num=True) for m in METRICS]
-    from runs.report import ReportError
-
     rows = []
     for i, run in enumerate(runs):
         if "metrics" not in run or "name" not in run:
@@ -721,3 +722,29 @@ def plot_cost(report: Mapping):
 
 PLOTS = {"metrics_plot": plot_metrics, "deltas_plot": plot_deltas, "cost_plot": plot_cost}
 """File key -> drawing function (a figure, or None where there is nothing to draw)."""
+
+
+def write_report(folder: str | os.PathLike[str], report: Report | Mapping) -> dict[str, Path]:
+    """Validate `report` and write report.md, report.html, metrics.json and the plots.
+
+    Returns {"markdown", "html", "json", "metrics_plot", and where drawn "deltas_plot",
+    "cost_plot"} -> path. Files are replaced atomically.
+    """
+    model = report if isinstance(report, Report) else Report.parse(report)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    plots: dict[str, str] = {}
+    data = model.model_dump()
+    for key, draw in PLOTS.items():
+        fig = draw(data)
+        if fig is not None:
+            path = folder / FILES[key]
+            with atomic.atomic_open(path, "wb") as handle:
+                fig.savefig(handle, format="png", dpi=fig.dpi)
+            written[key] = path
+            plots[key] = path.name
+    written["markdown"] = atomic.write_text(folder / FILES["markdown"], render_markdown(model, plots))
+    written["html"] = atomic.write_text(folder / FILES["html"], render_html(model, plots))
+    written["json"] = atomic.write_text(folder / FILES["json"], model.model_dump_json(indent=2) + "\n")
+    return written

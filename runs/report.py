@@ -1,14 +1,15 @@
 """The comparison report as a file format: typed models, validation, and the files written.
 
 `Report` (and its parts: `RunEntry`, `Interval`, `Delta`, `SliceEntry`, `Published`,
-`Bootstrap`) is the one definition of `metrics.json`: the comparison builds one, `write_report`
-validates it and writes it with its renderings (runs.render), and a reader validates
-`metrics.json` back into it. Metrics are `auc`, `mrr`, `ndcg@5`, `ndcg@10`, as fractions;
+`Bootstrap`) is the one definition of `metrics.json`: the comparison builds one,
+`runs.render.write_report` validates it and writes it with its renderings, and a reader
+validates `metrics.json` back into it. Metrics are `auc`, `mrr`, `ndcg@5`, `ndcg@10`, as fractions;
 None (null in JSON) where undefined, e.g. an empty slice, or an interval on too few
 impressions. `paired` and each slice's `delta` compare a run with its reference on the same
 impressions: `diff` = run - reference, `p` the share of resamples with diff <= 0.
 
-`write_report(folder, report)` writes into `folder`, each file replaced atomically:
+`runs.render.write_report(folder, report)` writes into `folder` (the names in `FILES`), each
+file replaced atomically:
 - `report.md` and `report.html` (runs.render), `metrics.json` (the validated report);
 - `metrics.png`, `deltas.png` (only with a run to compare) and `cost.png` (only when some
   run has a training time).
@@ -26,8 +27,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from storage import atomic
 
 Metric = Literal["auc", "mrr", "ndcg@5", "ndcg@10"]
 METRICS: tuple[str, ...] = ("auc", "mrr", "ndcg@5", "ndcg@10")
@@ -273,31 +272,3 @@ def _describe(err: ValidationError, data: object = None) -> str:
         return f"{where(loc)}: {e['msg'].removeprefix('Value error, ')}"
 
     return "; ".join(one(e) for e in err.errors()[:5])
-
-
-def write_report(folder: str | os.PathLike[str], report: Report | Mapping) -> dict[str, Path]:
-    """Validate `report` and write report.md, report.html, metrics.json and the plots.
-
-    Returns {"markdown", "html", "json", "metrics_plot", and where drawn "deltas_plot",
-    "cost_plot"} -> path. Files are replaced atomically.
-    """
-    from runs.render import PLOTS, render_html, render_markdown
-
-    model = report if isinstance(report, Report) else Report.parse(report)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    plots: dict[str, str] = {}
-    data = model.model_dump()
-    for key, draw in PLOTS.items():
-        fig = draw(data)
-        if fig is not None:
-            path = folder / FILES[key]
-            with atomic.atomic_open(path, "wb") as handle:
-                fig.savefig(handle, format="png", dpi=fig.dpi)
-            written[key] = path
-            plots[key] = path.name
-    written["markdown"] = atomic.write_text(folder / FILES["markdown"], render_markdown(model, plots))
-    written["html"] = atomic.write_text(folder / FILES["html"], render_html(model, plots))
-    written["json"] = atomic.write_text(folder / FILES["json"], model.model_dump_json(indent=2) + "\n")
-    return written

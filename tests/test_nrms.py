@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from rankers.attention import AdditiveAttention, Dropout, MaskedSelfAttention, keep_mask
 from rankers.base import ROLES, FitReport
 from rankers.data import Impressions, NewsFeatures, carve_validation, load_features, load_impressions
-from rankers.fusion import FEATURE_ROLES, Layer, available, create_fusion, label_of, register, roles_of
+from rankers.fusion import FEATURE_ROLES, Layer, available, label_of, register, roles_of
+from rankers.fusion_module import create_fusion
 from storage.errors import PipelineError
 from rankers.metrics import evaluate
 from rankers.nrms import NRMS, NRMSConfig

@@ -11,7 +11,8 @@ import pytest
 
 from rankers.stats import METRICS, slice_metrics
 from runs.render import headline, render_markdown, thesis_table
-from runs.report import ReportError, write_report
+from runs.render import write_report
+from runs.report import ReportError
 
 VOID = {"meta", "img", "br", "hr", "link", "input", "source", "col", "wbr"}
 

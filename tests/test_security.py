@@ -430,7 +430,8 @@ def test_a_full_disk_midway_keeps_the_previous_file_and_names_the_final_path(tmp
 def test_a_report_written_on_a_full_disk_keeps_the_previous_files_and_leaves_nothing(tmp_path, monkeypatch):
     from test_reports import make_report
 
-    from runs.report import FILES, write_report
+    from runs.render import write_report
+    from runs.report import FILES
 
     folder = tmp_path / "report"
     first = write_report(folder, make_report())
