@@ -74,7 +74,7 @@ register(ExtractorEntry(
     pretrainable=True,
 ))
 register(ExtractorEntry(
-    "vit", role="image", modality="image", constructor="extractors.vision:create_vit", kind="vision",
+    "vit", role="image", modality="image", constructor="extractors.vit:create_vit", kind="vision",
     hub_prefix="timm/", examples=("vit_base_patch16_224", "google/vit-base-patch16-224"), pretrainable=True,
 ))
 register(ExtractorEntry(

@@ -4,7 +4,7 @@
 ratio, so the cover keeps its shape). A named checkpoint is what extractors.checkpoints
 resolved: a timm model in its hub layout (`vit_base_patch16_224`, `timm/...`, `hf-hub:...`,
 or a folder with timm's config.json + model.safetensors), or a transformers vision tower (ViT,
-CLIP, SigLIP, DINOv2; extractors/hf_vision.py). Input size, mean, std and resampling come from
+CLIP, SigLIP, DINOv2; extractors/hf_vision.py); extractors/vit.py picks which. Input size, mean, std and resampling come from
 timm's data config or the checkpoint's preprocessor_config.json.
 
 Pooling: `cls` is the class token as the model uses it, `mean` the mean of the stored token
@@ -22,7 +22,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from extractors.checkpoints import Checkpoint, ensure_available, load_or_explain
+from extractors.checkpoints import Checkpoint, load_or_explain
 from extractors.config import ExtractorConfig
 from extractors.encoded import Encoded, set_trainable
 from extractors.images import ImageTransform
@@ -103,7 +103,8 @@ def build_tiny_vit(image_size: tuple[int, int], seed: int) -> nn.Module:
         return VisionTransformer(img_size=image_size, num_classes=0, **TINY_VISION)
 
 
-def _timm_extractor(ckpt: Checkpoint, config: ExtractorConfig) -> VisionExtractor:
+def timm_extractor(ckpt: Checkpoint, config: ExtractorConfig) -> VisionExtractor:
+    """A timm checkpoint's extractor: input size, mean, std and resampling from timm's data config."""
     import timm
 
     def load() -> tuple[nn.Module, TimmReader]:
@@ -118,25 +119,6 @@ def _timm_extractor(ckpt: Checkpoint, config: ExtractorConfig) -> VisionExtracto
         model_pooling=f"timm head ({getattr(model, 'global_pool', '') or 'none'})",
     )
     return VisionExtractor(config, model, reader)
-
-
-def create_vit(
-    checkpoint: str = "tiny", *, crop: str = "card", missing: str = "card", pooling: str | None = None, seed: int = 0,
-    **_: object,
-) -> VisionExtractor:
-    """Build `vit:CHECKPOINT`; size, mean, std and resampling come from the checkpoint."""
-    ckpt = ensure_available("vit", checkpoint, pooling)
-    if ckpt.is_tiny:
-        size = (64, 192) if crop == "card" else (96, 96)
-        config = ckpt.extractor_config("image", image_size=size, crop=crop, missing=missing, seed=seed, max_length=0)
-        return VisionExtractor(config, build_tiny_vit(size, seed))
-    base = replace(ckpt, pooling=ckpt.pooling or "model").extractor_config(
-        "image", crop=crop, missing=missing, seed=seed, max_length=0)
-    if ckpt.format == "timm":
-        return _timm_extractor(ckpt, base)
-    from extractors.hf_vision import hf_vision_extractor
-
-    return hf_vision_extractor(ckpt, base)
 
 
 def random_vit(model_name: str = "vit_base_patch16_224", seed: int = 0) -> VisionExtractor:
