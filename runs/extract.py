@@ -1,6 +1,6 @@
 """Extraction as runs do it: build an extractor for a catalogue, fill its store, describe it.
 
-`extract_store` is what `Workspace.store` calls on a miss; flows.extract calls
+flows.extract calls
 `extract_rows` (one summary row per extractor) and, for sharded extractions on Dask,
 `plan_extractor` / `shard_row` / `merge_extractor`, whose arguments are plain and picklable
 so that a Dask worker in another process can run them.
@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from runs.workspace import ExtractOptions, StoreRef, Workspace
+from runs.workspace import ExtractOptions, Workspace, build_extractor, extract_store, summary_row
 from storage.errors import PipelineError
 from storage.paths import subdir
 
@@ -22,51 +22,6 @@ def options_of(params) -> ExtractOptions:
     return ExtractOptions(device=params.device, batch_size=params.batch_size, workers=params.workers,
                           crop=params.crop, missing=params.missing, pooling=params.pooling, tokens=params.tokens,
                           dtype=params.dtype, chunk_rows=params.chunk_rows, progress=params.progress)
-
-
-def build_extractor(spec: str, catalogue, features_dir: Path, options: ExtractOptions):
-    """The extractor of `spec` for this catalogue (tiny text models learn their tokenizer from
-    its titles, saved beside the stores)."""
-    from extractors.registry import create
-
-    workdir = features_dir / f"{catalogue.name}__tokenizer-{catalogue.fingerprint()[:12]}"
-    return create(spec, titles=[str(t) for t in catalogue.title], workdir=workdir, crop=options.crop,
-                  missing=options.missing, pooling=options.pooling)
-
-
-def extract_store(spec: str, catalogue, features_dir: Path, options: ExtractOptions, shard=None) -> StoreRef:
-    """Fill (or resume, or reuse) the frozen store of `spec` over `catalogue`."""
-    from extractors.run import default_workers, extract_catalogue
-
-    extractor = build_extractor(spec, catalogue, features_dir, options)
-    workers = default_workers(options.device, len(catalogue)) if options.workers is None else options.workers
-    result = extract_catalogue(
-        extractor, catalogue, features_dir, batch_size=options.batch_size, device=options.device,
-        num_workers=workers, tokens=options.tokens, dtype=options.dtype, chunk_rows=options.chunk_rows,
-        progress=options.progress, shard=shard,
-    )
-    row = summary_row(result, extractor.modality)
-    return StoreRef(Path(result.path), result.spec, "frozen", result.token_len, extracted=row)
-
-
-def summary_row(result, modality: str) -> dict:
-    """One extraction (extractors.run.ExtractionResult) as a row of the printed summary."""
-    return {
-        "extractor": result.spec,
-        "store": str(result.path),
-        "rows": result.rows,
-        "dim": result.dim,
-        "token_len": result.token_len,
-        "cached": result.cached,
-        "resumed_from": result.resumed_from,
-        "seconds": round(result.seconds, 3),
-        "rows_per_s": round(result.rows_per_second, 1),
-        "present": result.present,
-        "images": dict(result.images),
-        "corrupt_ids": result.corrupt_ids,
-        "modality": modality,
-        "note": getattr(result, "note", ""),
-    }
 
 
 def extract_rows(params, workspace: Workspace, spec: str) -> dict:

@@ -184,8 +184,6 @@ class Workspace:
                 raise PipelineError(
                     f"no fine-tuned store of {spec} for {catalogue.name} in {self.features_dir()}; fine-tune first "
                     f"(python -m flows.rank --finetune --features {spec}{titles}), which writes it")
-            from runs.extract import extract_store
-
             chosen = options or ExtractOptions()
             if tokens and not chosen.tokens:
                 chosen = replace(chosen, tokens=True)
@@ -207,8 +205,6 @@ class Workspace:
     def extract(self, spec: str, catalogue, options: ExtractOptions) -> StoreRef:
         """The frozen store of `spec` made with exactly `options` (extracted, resumed or reused
         by extractors.run); later `store()` lookups of it in this workspace get it at once."""
-        from runs.extract import extract_store
-
         unresolved = spec
         spec = self.resolve(spec, catalogue)
         ref = self._once(("extract", spec, options, id(catalogue)),
@@ -260,3 +256,51 @@ def find_store(spec: str, catalogue, features_dir: Path, *, tokens: bool = False
     if tuned:
         details = {"weights_sha256": tuned.get("weights_sha256"), "finetuned_with": tuned.get("fusion")}
     return StoreRef(path, f"{name}:{checkpoint}", mode, token_len, details=details)
+
+
+# ----------------------------------------------------------------------------- extracting a store
+
+
+def build_extractor(spec: str, catalogue, features_dir: Path, options: ExtractOptions):
+    """The extractor of `spec` for this catalogue (tiny text models learn their tokenizer from
+    its titles, saved beside the stores)."""
+    from extractors.registry import create
+
+    workdir = features_dir / f"{catalogue.name}__tokenizer-{catalogue.fingerprint()[:12]}"
+    return create(spec, titles=[str(t) for t in catalogue.title], workdir=workdir, crop=options.crop,
+                  missing=options.missing, pooling=options.pooling)
+
+
+def extract_store(spec: str, catalogue, features_dir: Path, options: ExtractOptions, shard=None) -> StoreRef:
+    """Fill (or resume, or reuse) the frozen store of `spec` over `catalogue`."""
+    from extractors.run import default_workers, extract_catalogue
+
+    extractor = build_extractor(spec, catalogue, features_dir, options)
+    workers = default_workers(options.device, len(catalogue)) if options.workers is None else options.workers
+    result = extract_catalogue(
+        extractor, catalogue, features_dir, batch_size=options.batch_size, device=options.device,
+        num_workers=workers, tokens=options.tokens, dtype=options.dtype, chunk_rows=options.chunk_rows,
+        progress=options.progress, shard=shard,
+    )
+    row = summary_row(result, extractor.modality)
+    return StoreRef(Path(result.path), result.spec, "frozen", result.token_len, extracted=row)
+
+
+def summary_row(result, modality: str) -> dict:
+    """One extraction (extractors.run.ExtractionResult) as a row of the printed summary."""
+    return {
+        "extractor": result.spec,
+        "store": str(result.path),
+        "rows": result.rows,
+        "dim": result.dim,
+        "token_len": result.token_len,
+        "cached": result.cached,
+        "resumed_from": result.resumed_from,
+        "seconds": round(result.seconds, 3),
+        "rows_per_s": round(result.rows_per_second, 1),
+        "present": result.present,
+        "images": dict(result.images),
+        "corrupt_ids": result.corrupt_ids,
+        "modality": modality,
+        "note": getattr(result, "note", ""),
+    }
