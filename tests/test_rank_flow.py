@@ -87,6 +87,10 @@ def test_compare_flow_writes_every_report_file(world, tmp_path, prefect_harness)
     assert next(r for r in report["runs"] if r["name"] == "random")["oracle_share"] == pytest.approx(0.0)
     markdown = (folder / "report.md").read_text()
     assert "Do images help?" in markdown and "nrms · text+image (hadamard)" in markdown
+    from storage.catalogue import load_catalogue
+
+    share = f"{load_catalogue(world).cover_share:.1%}"  # the report states how many news have a cover
+    assert report["dataset"]["cover share"] == share and f"cover share: {share}" in markdown
     assert "share of oracle lift" in markdown
 
 
