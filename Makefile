@@ -36,9 +36,10 @@ demo: sync
 	$(VENV_PY) -m storage.mind validate $(WORLD)
 	$(VENV_PY) -m flows.compare --data $(WORLD) --name demo --seeds 3 --sources $(DEMO_SOURCES)
 
-# Both cores: pytest-xdist, one file per worker at a time (module fixtures are built once).
+# Both cores: pytest-xdist, one file per worker at a time (module fixtures are built once), the
+# longest files first (tests/conftest.py, LONGEST_FIRST).
 test: sync
-	$(VENV_PY) -m pytest -n auto --dist loadfile
+	$(VENV_PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
 
 bench: sync
 	$(VENV_PY) benchmarks/parse.py
