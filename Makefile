@@ -45,10 +45,9 @@ demo: sync
 	$(VENV_PY) -m storage.mind validate $(WORLD)
 	$(VENV_PY) -m flows.compare --data $(WORLD) --name demo --seeds 3 --sources $(DEMO_SOURCES)
 
-# Both cores: pytest-xdist, one file per worker at a time (module fixtures are built once), the
-# longest files first (tests/conftest.py, LONGEST_FIRST).
+# Both cores: pytest-xdist, one file per worker at a time (module fixtures are built once).
 test: sync
-	$(VENV_PY) -m pytest -n auto --dist loadfile --no-loadscope-reorder
+	$(VENV_PY) -m pytest -n auto --dist loadfile
 
 bench: sync
 	$(VENV_PY) benchmarks/parse.py

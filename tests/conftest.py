@@ -6,23 +6,6 @@ import pytest
 
 from storage.paths import ENV_VAR
 
-# The files whose tests take longest (pytest --durations=0, 2026-12-03: these 15 hold 95% of the
-# suite's time), longest first. `make test` hands whole files to the two workers in collection
-# order (--dist loadfile --no-loadscope-reorder), so the long ones start first and the workers
-# finish together; xdist's own order (files with the most tests first) left the 54 s deployment
-# test and the 45 s calibration test to run last, on one worker, while the other waited.
-LONGEST_FIRST = (
-    "test_run_layer.py", "test_shards.py", "test_deployments.py", "test_finetune.py", "test_calibration.py",
-    "test_finetune_ddp.py", "test_extract_flow.py", "test_rank_flow.py", "test_presets.py", "test_pretrain.py",
-    "test_ddp.py", "test_extract_engine.py", "test_checkpoints.py", "test_security.py", "test_finetune_flow.py",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Files in LONGEST_FIRST order, then the rest; each file's own tests keep their order."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
 
 @pytest.fixture(autouse=True)
 def _isolated_storage(tmp_path_factory, monkeypatch):
