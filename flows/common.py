@@ -57,7 +57,9 @@ class Job:
     """One task call of a `run_graph`: `task.submit(*args)` once every job named in `after`
     has completed. Jobs that share an `exclusive` name never run at once (work done in this
     process, which shares torch's threads and random generator, is all "in-process"). A
-    failed `fatal` job stops the graph: nothing new starts, what runs finishes."""
+    failed `fatal` job stops the graph: nothing new starts, what runs finishes. A `here` job
+    runs in the calling thread, where an interrupt reaches it (a submitted task's thread runs
+    on to its end); nothing new starts meanwhile."""
 
     key: Hashable
     task: Any
@@ -65,6 +67,7 @@ class Job:
     after: tuple = ()
     exclusive: str | None = None
     fatal: bool = False
+    here: bool = False  # run in the calling thread (Ctrl+C and SIGTERM interrupt it there)
 
 
 def run_graph(jobs: Sequence[Job], slots: int) -> dict:
@@ -81,6 +84,7 @@ def run_graph(jobs: Sequence[Job], slots: int) -> dict:
     stopped = False
     while True:
         held = {job.exclusive for job, _ in running.values() if job.exclusive}
+        here = None
         for job in list(waiting):
             if stopped or any(k in states and not _completed(states[k]) for k in job.after):
                 waiting.remove(job)
@@ -88,9 +92,17 @@ def run_graph(jobs: Sequence[Job], slots: int) -> dict:
             elif len(running) < max(1, slots) and all(k in states for k in job.after) and (
                     job.exclusive is None or job.exclusive not in held):
                 waiting.remove(job)
+                if job.here:
+                    here = job
+                    break
                 running[job.key] = (job, job.task.submit(*job.args))
                 if job.exclusive:
                     held.add(job.exclusive)
+        if here is not None:
+            state = here.task(*here.args, return_state=True)
+            states[here.key] = state
+            stopped = stopped or (here.fatal and not state.is_completed())
+            continue
         if not running:
             break
         done = next(as_completed([future for _, future in running.values()]))

@@ -98,11 +98,11 @@ def build_flow():
     def graph(params: CompareParams, data, workspace, planned, calls) -> list[Job]:
         """The comparison's work as jobs, each started as soon as what it needs is there: the
         tiny encoders pre-trained on this data (side by side, BLIP after the BERT it starts
-        from), each store extracted once its encoder is trained (in this process, one at a
-        time), each ranking run once its stores exist. On two cores or more the ranking runs
-        and pre-training take one core each in processes of their own, so the text runs train
-        while BLIP still pre-trains; with one job at a time (a GPU) a run trains in this
-        process after every store is there."""
+        from), each store extracted once its encoder is trained (in this process's main
+        thread, where Ctrl+C and SIGTERM reach it), each ranking run once its stores exist. On
+        two cores or more the ranking runs and pre-training take one core each in processes
+        of their own, so the text runs train while BLIP still pre-trains; with one job at a
+        time (a GPU) a run trains in this process after every store is there."""
         slots = params.jobs or cores()
         kinds = kinds_needed(spec for run in planned for spec in run.params.extractor_specs)
         first = [k for k in kinds if k not in TEXT_INIT]
@@ -117,20 +117,20 @@ def build_flow():
                 after = ()
             progress = params.progress and threads is None
             jobs.append(Job(("pretrain", kind), pretrain_one, (kind, data, params.images, params.storage, progress, threads),
-                            after, None if threads else IN_PROCESS, fatal=True))
+                            after, None if threads else IN_PROCESS, fatal=True, here=threads is None))
         for spec, titles in extractions(planned):
             extract_params = ExtractParams(data=data, images=params.images, titles=titles, extractors=[spec],
                                            device=params.device, storage=params.storage, progress=params.progress,
                                            allow_no_images=params.allow_no_images)
             jobs.append(Job(("extract", spec, titles), extract_one, (spec, extract_params, workspace),
-                            tuple(("pretrain", k) for k in kinds_needed([spec])), IN_PROCESS, fatal=True))
+                            tuple(("pretrain", k) for k in kinds_needed([spec])), IN_PROCESS, fatal=True, here=True))
         everything = tuple(job.key for job in jobs)
         # One run at a time (a GPU, --jobs 1): in this process.
         threads = thread_share(params) if min(default_jobs(params), len(calls)) > 1 else None
         for i, (label, replica) in enumerate(calls):
             needs = tuple(("extract", spec, titles) for spec, titles in extractions([PlannedRun(label, replica)]))
             jobs.append(Job(("rank", i), rank_one, (label, replica, workspace, threads),
-                            needs if threads else everything, None if threads else IN_PROCESS))
+                            needs if threads else everything, None if threads else IN_PROCESS, here=threads is None))
         return jobs
 
     return compare

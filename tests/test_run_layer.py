@@ -465,6 +465,7 @@ def graph_task(prefect_harness):
     from prefect.cache_policies import NO_CACHE
 
     log: list = []
+    threads: dict = {}
     lock = threading.Lock()
 
     @task(cache_policy=NO_CACHE)
@@ -473,13 +474,22 @@ def graph_task(prefect_harness):
         time.sleep(seconds)
         with lock:
             log.append((name, start, time.monotonic()))
+            threads[name] = threading.current_thread()
         if fail:
             raise ValueError(f"{name} failed")
         return name
 
     def run(schedule):
         log.clear()
-        result = flow(lambda: schedule(step), name="graph")()
+        threads.clear()
+        caller: dict = {}
+
+        def body():
+            caller["thread"] = threading.current_thread()
+            return schedule(step)
+
+        result = flow(body, name="graph")()
+        run.here = {name: thread is caller["thread"] for name, thread in threads.items()}
         return result, {name: (start, end) for name, start, end in log}
 
     return run
@@ -537,6 +547,21 @@ def test_a_failed_prerequisite_skips_its_dependents_and_a_fatal_one_stops_the_gr
         Job("later", step, ("later", 0.05)),
     ], 1))
     assert states["fatal"].is_failed() and states["later"] is None and "later" not in spans
+
+
+def test_a_job_marked_here_runs_in_the_calling_thread(graph_task):
+    """In-process work (an extraction) runs in the flow's own thread, where Ctrl+C and SIGTERM
+    interrupt it; a submitted task's thread would run on to its end."""
+    from flows.common import Job, run_graph
+
+    states, spans = graph_task(lambda step: run_graph([
+        Job("child", step, ("child", 1.0)),
+        Job("here", step, ("here", 0.1), here=True),
+        Job("after", step, ("after", 0.05), after=("here",)),
+    ], 2))
+    assert all(state.is_completed() for state in states.values())
+    assert graph_task.here == {"child": False, "here": True, "after": False}
+    assert _overlap(spans["here"], spans["child"]) and spans["after"][0] >= spans["here"][1]
 
 
 def test_run_bounded_gives_the_states_in_the_calls_order(graph_task):
