@@ -1,7 +1,8 @@
 """The comparison: do images help news recommendation, and where?
 
-`plan(params, data)` turns a comparison's parameters into its ranking runs: each ranker x
-source (labels from the fusion registry, text-only first within a ranker and every run of
+`plan(params, data)` (in runs.params, whose CompareParams validator calls it; re-exported
+here) turns a comparison's parameters into its ranking runs: each ranker x source (labels
+from the fusion registry, text-only first within a ranker and every run of
 that ranker paired with it), or a preset's runs (runs.presets); then the baselines; then,
 with `titles`, an enhanced-titles twin of every run that reads titles, paired with its
 original. Every run's RankParams is built, so a combination no ranker supports fails here,
@@ -18,175 +19,18 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import ValidationError
 
-from extractors.registry import ROLES
-from rankers.fusion import label_of, roles_of
-from runs.params import CompareParams, RankParams, describe, is_tiny, reads_images, split_mode
-from runs.presets import PUBLISHED_FINETUNE, Preset, get_preset
+from rankers.fusion import roles_of
+from runs.params import (  # the plan lives with the parameters it validates; re-exported here
+    CONTROL, DEFAULT_BASELINES, ENHANCED, LIGHTGBM_OPTIONS, CompareParams, PlannedRun, all_tiny, baselines_of, cores,
+    default_jobs, grid_reference, plan, reads_images, run_label, split_mode, thread_share,
+)
+from runs.presets import PUBLISHED_FINETUNE, get_preset
 from runs.report import Report
 from runs.workspace import Workspace
-from storage.errors import PipelineError
-
-DEFAULT_BASELINES = ("random", "popularity", "oracle")
-LIGHTGBM_OPTIONS = ("lgbm_trees", "lgbm_learning_rate", "lgbm_neg_fraction", "lgbm_max_rows", "lgbm_bagging")
-CONTROL = "text+cover"
-"""The presence control: text plus only whether the news has a cover (rankers.fusion)."""
-ENHANCED = " · enhanced titles"
-
-
-@dataclass
-class PlannedRun:
-    """One run of a comparison: its label, its ranking parameters (of its first seed), the
-    label of the run it is paired with in the report (None: the main reference), whether it
-    is a baseline, and the training seeds it is run with (baselines: one)."""
-
-    label: str
-    params: RankParams
-    reference: str | None = None
-    baseline: bool = False
-    seeds: tuple[int, ...] = (0,)
-
-    def replicas(self) -> list[tuple[str, RankParams]]:
-        """(task label, parameters) of every seed of this run."""
-        if len(self.seeds) == 1:
-            return [(self.label, self.params.model_copy(update={"seed": self.seeds[0]}))]
-        return [(f"{self.label} · seed {s}", self.params.model_copy(update={"seed": s})) for s in self.seeds]
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def default_jobs(params: CompareParams) -> int:
-    """Ranking runs at once: every core on a CPU, each run single-threaded (the runs are small
-    and independent, so the comparison's wall time falls with the cores); one on a GPU."""
-    if params.jobs is not None:
-        return params.jobs
-    return 1 if params.device == "cuda" else cores()
-
-
-def thread_share(params: CompareParams) -> int:
-    """Threads each run may use when `default_jobs` runs share the cores."""
-    return max(1, cores() // default_jobs(params))
-
-
-def run_label(ranker: str, source: str | None) -> str:
-    return ranker if source is None else f"{ranker} · {label_of(source)}"
-
-
-def baselines_of(params: CompareParams) -> list[str]:
-    if params.baselines is not None:
-        return list(params.baselines)
-    return list(get_preset(params.preset).baselines if params.preset else DEFAULT_BASELINES)
-
-
-def all_tiny(specs: Sequence[str]) -> bool:
-    """Whether every one of these extractor specs is an embedded tiny model."""
-    return all(is_tiny(s) for s in specs)
-
-
-def _rank_params(label: str, **values) -> RankParams:
-    try:
-        return RankParams(**values)
-    except ValidationError as err:
-        raise PipelineError(f"run '{label}': {describe(err)}") from None
-
-
-def plan(params: CompareParams, data: Path | None) -> list[PlannedRun]:
-    """Every run of the comparison, validated (see the module docstring)."""
-    runs = _preset_runs(params, data, get_preset(params.preset)) if params.preset else _grid_runs(params, data)
-    for baseline in baselines_of(params):
-        if baseline == "oracle" and data is not None and not (data / "dev" / "click_probs.txt").is_file():
-            continue  # real MIND has no known click probabilities
-        runs.append(PlannedRun(baseline, _rank_params(
-            baseline, data=data, images=params.images, ranker=baseline, seed=params.seed, storage=params.storage,
-            scale=params.scale, world_seed=params.world_seed, score_test=params.score_test,
-            allow_no_images=params.allow_no_images, progress=params.progress), baseline=True))
-    if params.titles is not None:
-        twins = [PlannedRun(run.label + ENHANCED, run.params.model_copy(update={"titles": params.titles}), run.label)
-                 for run in runs if not run.baseline and set(roles_of(run.params.fusion)) & {"text", "blip"}]
-        runs += twins
-    seeds = tuple(range(params.seed, params.seed + params.seeds))
-    for run in runs:
-        run.seeds = (params.seed,) if run.baseline else seeds
-    return runs
-
-
-def _role_specs(params: CompareParams) -> dict[str, str]:
-    """Role -> the extractor spec the comparison gives it (--text, --image, --blip)."""
-    return {role: getattr(params, role) for role in ROLES}
-
-
-def grid_reference(source: str, sources: Sequence[str]) -> str | None:
-    """The source a grid run is paired with: a fusion of text with the image's content
-    (hadamard, concat, gated) with `text+cover` when that runs (does the content help beyond
-    knowing there is a cover?), `text+cover` and the rest with `text` (None: `text` itself, or
-    no text run)."""
-    if source == "text" or "text" not in sources:
-        return None
-    roles = set(roles_of(source))
-    if CONTROL in sources and source != CONTROL and {"text", "image"} <= roles:
-        return CONTROL
-    return "text"
-
-
-def _grid_runs(params: CompareParams, data: Path | None) -> list[PlannedRun]:
-    specs = _role_specs(params)
-    order = sorted(params.sources, key=lambda s: (s != "text", s != CONTROL))
-    runs = []
-    for ranker in params.rankers:
-        for source in order:
-            label = run_label(ranker, source)
-            reference = grid_reference(source, params.sources)
-            lightgbm = {k: getattr(params, k) for k in LIGHTGBM_OPTIONS} if ranker == "lightgbm" else {}
-            runs.append(PlannedRun(label, _rank_params(
-                label, **lightgbm, data=data, images=params.images, features=[specs[r] for r in roles_of(source) if r in specs],
-                fusion=source, ranker=ranker, device=params.device, epochs=params.epochs, tokens=params.tokens,
-                seed=params.seed, threads=thread_share(params), storage=params.storage, scale=params.scale, world_seed=params.world_seed,
-                score_test=params.score_test, allow_no_images=params.allow_no_images, progress=params.progress,
-            ), run_label(ranker, reference) if reference else None))
-    return runs
-
-
-def _preset_runs(params: CompareParams, data: Path | None, preset: Preset) -> list[PlannedRun]:
-    """The preset's runs as ranking parameters; a run whose text spec was not given
-    (plm-nr's DistilBERT without --distil) is left out."""
-    specs = _role_specs(params)
-    runs = []
-    for run in preset.runs:
-        text = params.distil if run.text == "distil" else params.text
-        if text is None:
-            continue
-        role_spec = {**specs, "text": text}
-        options = dict(data=data, images=params.images,
-                       features=[role_spec[r] for r in roles_of(run.fusion) if r in role_spec],
-                       fusion=run.fusion, ranker="nrms", device=params.device, seed=params.seed,
-                       storage=params.storage, scale=params.scale, world_seed=params.world_seed,
-                       score_test=params.score_test, allow_no_images=params.allow_no_images,
-                       progress=params.progress)
-        if run.finetune:
-            # Tiny checkpoints train at the tiny scale; real ones as published.
-            options.update(finetune=True, **({} if all_tiny(options["features"]) else run.published))
-            if params.finetune_epochs is not None:
-                options["epochs"] = params.finetune_epochs
-            if run.mtrec is not None:
-                options.update(mtrec=True, **run.mtrec)
-        else:
-            options.update(epochs=params.epochs, tokens=run.tokens or params.tokens)
-        runs.append(PlannedRun(run.label, _rank_params(run.label, **options), run.reference or
-                               (None if run.label == preset.reference else preset.reference)))
-    return runs
-
 
 def main_reference(planned: list[PlannedRun], params: CompareParams) -> str:
     """The report's reference: the preset's, else the first ranker's text-only run, else the first run."""

@@ -16,7 +16,9 @@ world's is `world_seed`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,10 +26,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from extractors.registry import available as extractor_names
 from extractors.registry import entry as extractor_entry
-from extractors.registry import extractor_for_role, parse_spec
+from extractors.registry import ROLES, extractor_for_role, parse_spec
 from rankers.fusion import available as fusion_names
-from rankers.fusion import roles_of
+from rankers.fusion import label_of, roles_of
 from rankers.registry import baseline_rankers, ranker_entry, ranker_names, trained_rankers
+from runs.presets import Preset, get_preset
 from storage.errors import PipelineError
 
 Scale = Literal["tiny", "small", "mind-small"]
@@ -469,7 +472,7 @@ class CompareParams(_Params):
     lgbm_neg_fraction: float | None = Field(None, gt=0, le=1)
     lgbm_max_rows: int | None = Field(None, ge=2)
     lgbm_bagging: float | None = Field(None, gt=0, le=1)
-    jobs: int | None = Field(None, ge=1, le=64)  # None: runs.compare.default_jobs
+    jobs: int | None = Field(None, ge=1, le=64)  # None: default_jobs
     n_boot: int = Field(1000, ge=100, le=100_000)
     score_test: bool = False
     allow_no_images: bool = False
@@ -508,8 +511,6 @@ class CompareParams(_Params):
         if self.distil is not None and self.preset != "plm-nr":
             raise ValueError("--distil is the DistilBERT of --preset plm-nr; drop it, or add --preset plm-nr")
         check_inputs(self.data, self.images, self.titles, splits=("train", "dev"))
-        from runs.compare import plan
-
         _as_value_error(lambda: plan(self, self.data))  # every run's RankParams: a bad combination fails here
         return self
 
@@ -538,3 +539,162 @@ def describe(err: ValidationError, options: dict[str, str] | None = None) -> str
         return "--" + options.get(loc[0], loc[0]).replace("_", "-") + f": {msg}"
 
     return "; ".join(one(e) for e in err.errors())
+
+
+# ----------------------------------------------------------------------------- the comparison's plan
+# What CompareParams' validator builds (every run's RankParams), so it lives here; runs.compare
+# scores and reports the runs.
+
+
+DEFAULT_BASELINES = ("random", "popularity", "oracle")
+LIGHTGBM_OPTIONS = ("lgbm_trees", "lgbm_learning_rate", "lgbm_neg_fraction", "lgbm_max_rows", "lgbm_bagging")
+CONTROL = "text+cover"
+"""The presence control: text plus only whether the news has a cover (rankers.fusion)."""
+ENHANCED = " · enhanced titles"
+
+
+@dataclass
+class PlannedRun:
+    """One run of a comparison: its label, its ranking parameters (of its first seed), the
+    label of the run it is paired with in the report (None: the main reference), whether it
+    is a baseline, and the training seeds it is run with (baselines: one)."""
+
+    label: str
+    params: RankParams
+    reference: str | None = None
+    baseline: bool = False
+    seeds: tuple[int, ...] = (0,)
+
+    def replicas(self) -> list[tuple[str, RankParams]]:
+        """(task label, parameters) of every seed of this run."""
+        if len(self.seeds) == 1:
+            return [(self.label, self.params.model_copy(update={"seed": self.seeds[0]}))]
+        return [(f"{self.label} · seed {s}", self.params.model_copy(update={"seed": s})) for s in self.seeds]
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_jobs(params: CompareParams) -> int:
+    """Ranking runs at once: every core on a CPU, each run single-threaded (the runs are small
+    and independent, so the comparison's wall time falls with the cores); one on a GPU."""
+    if params.jobs is not None:
+        return params.jobs
+    return 1 if params.device == "cuda" else cores()
+
+
+def thread_share(params: CompareParams) -> int:
+    """Threads each run may use when `default_jobs` runs share the cores."""
+    return max(1, cores() // default_jobs(params))
+
+
+def run_label(ranker: str, source: str | None) -> str:
+    return ranker if source is None else f"{ranker} · {label_of(source)}"
+
+
+def baselines_of(params: CompareParams) -> list[str]:
+    if params.baselines is not None:
+        return list(params.baselines)
+    return list(get_preset(params.preset).baselines if params.preset else DEFAULT_BASELINES)
+
+
+def all_tiny(specs: Sequence[str]) -> bool:
+    """Whether every one of these extractor specs is an embedded tiny model."""
+    return all(is_tiny(s) for s in specs)
+
+
+def _rank_params(label: str, **values) -> RankParams:
+    try:
+        return RankParams(**values)
+    except ValidationError as err:
+        raise PipelineError(f"run '{label}': {describe(err)}") from None
+
+
+def plan(params: CompareParams, data: Path | None) -> list[PlannedRun]:
+    """Every run of the comparison, validated (see the module docstring)."""
+    runs = _preset_runs(params, data, get_preset(params.preset)) if params.preset else _grid_runs(params, data)
+    for baseline in baselines_of(params):
+        if baseline == "oracle" and data is not None and not (data / "dev" / "click_probs.txt").is_file():
+            continue  # real MIND has no known click probabilities
+        runs.append(PlannedRun(baseline, _rank_params(
+            baseline, data=data, images=params.images, ranker=baseline, seed=params.seed, storage=params.storage,
+            scale=params.scale, world_seed=params.world_seed, score_test=params.score_test,
+            allow_no_images=params.allow_no_images, progress=params.progress), baseline=True))
+    if params.titles is not None:
+        twins = [PlannedRun(run.label + ENHANCED, run.params.model_copy(update={"titles": params.titles}), run.label)
+                 for run in runs if not run.baseline and set(roles_of(run.params.fusion)) & {"text", "blip"}]
+        runs += twins
+    seeds = tuple(range(params.seed, params.seed + params.seeds))
+    for run in runs:
+        run.seeds = (params.seed,) if run.baseline else seeds
+    return runs
+
+
+def _role_specs(params: CompareParams) -> dict[str, str]:
+    """Role -> the extractor spec the comparison gives it (--text, --image, --blip)."""
+    return {role: getattr(params, role) for role in ROLES}
+
+
+def grid_reference(source: str, sources: Sequence[str]) -> str | None:
+    """The source a grid run is paired with: a fusion of text with the image's content
+    (hadamard, concat, gated) with `text+cover` when that runs (does the content help beyond
+    knowing there is a cover?), `text+cover` and the rest with `text` (None: `text` itself, or
+    no text run)."""
+    if source == "text" or "text" not in sources:
+        return None
+    roles = set(roles_of(source))
+    if CONTROL in sources and source != CONTROL and {"text", "image"} <= roles:
+        return CONTROL
+    return "text"
+
+
+def _grid_runs(params: CompareParams, data: Path | None) -> list[PlannedRun]:
+    specs = _role_specs(params)
+    order = sorted(params.sources, key=lambda s: (s != "text", s != CONTROL))
+    runs = []
+    for ranker in params.rankers:
+        for source in order:
+            label = run_label(ranker, source)
+            reference = grid_reference(source, params.sources)
+            lightgbm = {k: getattr(params, k) for k in LIGHTGBM_OPTIONS} if ranker == "lightgbm" else {}
+            runs.append(PlannedRun(label, _rank_params(
+                label, **lightgbm, data=data, images=params.images, features=[specs[r] for r in roles_of(source) if r in specs],
+                fusion=source, ranker=ranker, device=params.device, epochs=params.epochs, tokens=params.tokens,
+                seed=params.seed, threads=thread_share(params), storage=params.storage, scale=params.scale, world_seed=params.world_seed,
+                score_test=params.score_test, allow_no_images=params.allow_no_images, progress=params.progress,
+            ), run_label(ranker, reference) if reference else None))
+    return runs
+
+
+def _preset_runs(params: CompareParams, data: Path | None, preset: Preset) -> list[PlannedRun]:
+    """The preset's runs as ranking parameters; a run whose text spec was not given
+    (plm-nr's DistilBERT without --distil) is left out."""
+    specs = _role_specs(params)
+    runs = []
+    for run in preset.runs:
+        text = params.distil if run.text == "distil" else params.text
+        if text is None:
+            continue
+        role_spec = {**specs, "text": text}
+        options = dict(data=data, images=params.images,
+                       features=[role_spec[r] for r in roles_of(run.fusion) if r in role_spec],
+                       fusion=run.fusion, ranker="nrms", device=params.device, seed=params.seed,
+                       storage=params.storage, scale=params.scale, world_seed=params.world_seed,
+                       score_test=params.score_test, allow_no_images=params.allow_no_images,
+                       progress=params.progress)
+        if run.finetune:
+            # Tiny checkpoints train at the tiny scale; real ones as published.
+            options.update(finetune=True, **({} if all_tiny(options["features"]) else run.published))
+            if params.finetune_epochs is not None:
+                options["epochs"] = params.finetune_epochs
+            if run.mtrec is not None:
+                options.update(mtrec=True, **run.mtrec)
+        else:
+            options.update(epochs=params.epochs, tokens=run.tokens or params.tokens)
+        runs.append(PlannedRun(run.label, _rank_params(run.label, **options), run.reference or
+                               (None if run.label == preset.reference else preset.reference)))
+    return runs
