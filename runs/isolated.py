@@ -175,8 +175,9 @@ def _run(job: dict) -> dict:
         # dataset's files are read once per process, as in the parent, not once per run.
         params = RankParams.model_validate(job["params"])
         key = str(params.storage)
-        workspace = _WORKSPACES.get(key) or _WORKSPACES.setdefault(key, Workspace(params.storage))
-        return asdict(run_rank(params, workspace))
+        if key not in _WORKSPACES:
+            _WORKSPACES[key] = Workspace(params.storage)
+        return asdict(run_rank(params, _WORKSPACES[key]))
     from runs.pretrain import ensure_pretrained
 
     images = Path(job["images"]) if job["images"] else None
