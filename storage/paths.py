@@ -135,8 +135,11 @@ def subdir(kind: str, override: str | os.PathLike[str] | None = None, create: bo
     the path, the option it came from and what to do."""
     if kind not in SUBFOLDERS:
         raise ValueError(f"unknown storage subfolder {kind!r}; known: {', '.join(SUBFOLDERS)}")
-    root = check_storage_root(override)
+    root = storage_root(override)
     source = _source(override)
+    if root.exists() and not root.is_dir():
+        raise PipelineError(f"{source} {root}: is a file, not a folder; give a folder as the storage root "
+                            "(it is created if missing)")
     path = root / kind
     if path.exists() and not path.is_dir():
         raise PipelineError(f"{path}: is a file where the storage root's {kind}/ folder belongs; move it away "
